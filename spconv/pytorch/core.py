@@ -1,0 +1,258 @@
+"""SparseConvTensor: features [N, C] at integer sites indices [N, 1 + D] (batch first)."""
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from spconv import constants
+
+def expand_nd(ndim: int, val, name: str = "value") -> List[int]:
+    """An int becomes ``[val] * ndim``; a sequence must have ``ndim`` entries."""
+    if isinstance(val, (int, np.integer)):
+        return [int(val)] * ndim
+    vals = [int(v) for v in val]
+    if len(vals) != ndim:
+        raise ValueError(f"{name} must be an int or a sequence of {ndim} ints (one per spatial dimension), "
+                         f"got {list(val)}")
+    return vals
+
+
+class IndiceData:
+    """A kernel map stored under an ``indice_key``.
+
+    ``indice_pairs`` is the output-major neighbour table ``[N_out, K]`` int32: row j, tap r holds the
+    input row feeding output j through kernel offset r, or -1. ``indices``/``spatial_shape`` describe
+    the input sites, ``out_indices``/``out_spatial_shape`` the output sites.
+    """
+
+    def __init__(self, out_indices, indices, indice_pairs, indice_pair_num, spatial_shape, out_spatial_shape,
+                 is_subm, algo, ksize, stride, dilation, padding, voxel_num=None):
+        self.out_indices = out_indices
+        self.indices = indices
+        self.indice_pairs = indice_pairs
+        self.indice_pair_num = indice_pair_num
+        self.spatial_shape = list(spatial_shape)
+        self.out_spatial_shape = list(out_spatial_shape)
+        self.is_subm = is_subm
+        self.algo = algo
+        self.ksize = list(ksize)
+        self.stride = list(stride)
+        self.dilation = list(dilation)
+        self.padding = list(padding)
+        self.voxel_num = voxel_num
+        self._input_major = None
+        self.build_count = 1  # how many times a map was built for this key (1: built once, reused after)
+
+    @property
+    def input_major_pairs(self) -> torch.Tensor:
+        """``[N_in, K]`` int32: the output row each input feeds through tap r, or -1 (built lazily)."""
+        if self._input_major is None:
+            from spconv.pytorch import ops
+            if self.is_subm:  # a SubM map is symmetric: input i meets output j through the mirrored tap
+                self._input_major = self.indice_pairs.flip(1).contiguous()
+            else:
+                self._input_major = ops.invert_map(self.indice_pairs, self.indices.shape[0])
+        return self._input_major
+
+    def __repr__(self):
+        kind = "subm" if self.is_subm else "conv"
+        return (f"IndiceData({kind}, ksize={self.ksize}, stride={self.stride}, padding={self.padding}, "
+                f"dilation={self.dilation}, {self.indices.shape[0]} -> {self.out_indices.shape[0]} sites, "
+                f"{list(self.spatial_shape)} -> {list(self.out_spatial_shape)})")
+
+
+def _check_indices(features: torch.Tensor, indices: torch.Tensor, spatial_shape: List[int], batch_size: int):
+    if not isinstance(features, torch.Tensor) or features.dim() != 2:
+        raise ValueError(f"features must be a 2-D tensor [N, C], got "
+                         f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)}")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
+        raise ValueError("indices must be a 2-D int32 tensor [N, 1 + ndim] with the batch index in column 0")
+    if indices.dtype != torch.int32:
+        raise ValueError(f"indices must be int32, got {indices.dtype}; convert with indices.int()")
+    ndim = indices.shape[1] - 1
+    if ndim < 1:
+        raise ValueError("indices must have 1 + ndim columns (batch, then one per spatial dimension)")
+    if len(spatial_shape) != ndim:
+        raise ValueError(f"spatial_shape has {len(spatial_shape)} entries but indices have {ndim} spatial "
+                         f"columns; spatial shape must equal ndim")
+    if features.shape[0] != indices.shape[0]:
+        raise ValueError(f"features has {features.shape[0]} rows but indices has {indices.shape[0]}: "
+                         "they must describe the same sites")
+    if int(batch_size) <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if any(s <= 0 for s in spatial_shape):
+        raise ValueError(f"spatial_shape entries must be positive, got {spatial_shape}")
+    volume = int(batch_size)
+    for s in spatial_shape:
+        volume *= int(s)
+    if volume >= 2 ** 62:
+        raise ValueError(f"batch_size x prod(spatial_shape) = {volume} does not fit int64 keys")
+    if indices.device != features.device:
+        raise ValueError(f"features are on {features.device} but indices on {indices.device}; put both on one device")
+    if indices.shape[0] == 0 or indices.device.type == "meta":
+        return
+    lo = indices.amin(0).tolist()
+    hi = indices.amax(0).tolist()
+    if lo[0] < 0 or hi[0] >= batch_size:
+        raise ValueError(f"batch indices (column 0) must be in [0, batch_size={batch_size}), found range "
+                         f"[{lo[0]}, {hi[0]}]; pass a larger batch_size or fix the batch column")
+    for d in range(ndim):
+        if lo[d + 1] < 0:
+            raise ValueError(f"negative coordinate {lo[d + 1]} in spatial dimension {d} (indices column {d + 1}); "
+                             "shift the coordinates to start at 0")
+        if hi[d + 1] >= spatial_shape[d]:
+            raise ValueError(f"coordinate {hi[d + 1]} in spatial dimension {d} (indices column {d + 1}) is outside "
+                             f"spatial_shape[{d}]={spatial_shape[d]}; enlarge spatial_shape or clip the points")
+
+
+class SparseConvTensor:
+    """A batch of sparse feature maps.
+
+    Args:
+        features: ``[N, C]`` features of the active sites.
+        indices: ``[N, 1 + D]`` int32, batch index in column 0 then the D coordinates, ordered as
+            ``spatial_shape``. Sites must be unique.
+        spatial_shape: D ints, the grid size.
+        batch_size: number of samples.
+    Features are read-only: use :meth:`replace_feature` to get a tensor with new features.
+    """
+
+    def __init__(self, features: torch.Tensor, indices: torch.Tensor, spatial_shape: Union[Sequence[int], Any],
+                 batch_size: int, grid: Optional[torch.Tensor] = None, voxel_num: Optional[torch.Tensor] = None,
+                 indice_dict: Optional[Dict[str, Any]] = None, benchmark: bool = False,
+                 permanent_thrust_allocator: bool = False, enable_timer: bool = False, force_algo=None,
+                 _validate: bool = True):
+        spatial_shape = [int(v) for v in spatial_shape]
+        if _validate and not constants.SPCONV_FX_TRACE_MODE:
+            _check_indices(features, indices, spatial_shape, batch_size)
+        self._features = features
+        self.indices = indices
+        self.spatial_shape = spatial_shape
+        self.batch_size = int(batch_size)
+        self.indice_dict = {} if indice_dict is None else indice_dict
+        self.grid = torch.Tensor() if grid is None else grid
+        self.voxel_num = voxel_num
+        self.benchmark = benchmark
+        self.benchmark_record = {}
+        self.thrust_allocator = None
+        self._timer = None
+        self.force_algo = force_algo
+        self.int8_scale = None
+
+    @property
+    def features(self) -> torch.Tensor:
+        return self._features
+
+    @features.setter
+    def features(self, value):
+        raise ValueError("you can't set feature directly, use 'x = x.replace_feature(your_new_feature)' "
+                         "to generate new SparseConvTensor instead.")
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def spatial_size(self) -> int:
+        return int(np.prod(self.spatial_shape))
+
+    @property
+    def is_quantized(self) -> bool:
+        return self._features.dtype == torch.qint8
+
+    def _derive(self, features: torch.Tensor, indices: torch.Tensor, spatial_shape, indice_dict) -> "SparseConvTensor":
+        new = SparseConvTensor(features, indices, spatial_shape, self.batch_size, self.grid, self.voxel_num,
+                               indice_dict, self.benchmark, force_algo=self.force_algo, _validate=False)
+        new.benchmark_record = self.benchmark_record
+        new.thrust_allocator = self.thrust_allocator
+        new._timer = self._timer
+        new.int8_scale = self.int8_scale
+        return new
+
+    def replace_feature(self, feature: torch.Tensor) -> "SparseConvTensor":
+        """Same sites (and the same indice_dict), new ``[N, C']`` features."""
+        if feature.shape[0] != self.indices.shape[0] and not constants.SPCONV_FX_TRACE_MODE:
+            raise ValueError(f"replace_feature got {feature.shape[0]} rows for {self.indices.shape[0]} sites")
+        return self._derive(feature, self.indices, self.spatial_shape, self.indice_dict)
+
+    def shadow_copy(self) -> "SparseConvTensor":
+        """A new tensor object sharing features, indices and indice_dict."""
+        return self._derive(self._features, self.indices, self.spatial_shape, self.indice_dict)
+
+    def select_by_index(self, valid_indices: torch.Tensor) -> "SparseConvTensor":
+        """Keep the rows ``valid_indices`` (int index or bool mask); the kernel-map cache starts empty."""
+        return self._derive(self._features[valid_indices], self.indices[valid_indices].contiguous(),
+                            self.spatial_shape, {})
+
+    def minus(self) -> "SparseConvTensor":
+        return self.replace_feature(-self._features)
+
+    def find_indice_pair(self, key) -> Optional[IndiceData]:
+        if key is None:
+            return None
+        return self.indice_dict.get(key)
+
+    def dense(self, channels_first: bool = True) -> torch.Tensor:
+        """Scatter into ``[B, C, *spatial]`` (``[B, *spatial, C]`` if not channels_first); empty sites are 0."""
+        feats = self._features
+        out = feats.new_zeros([self.batch_size * self.spatial_size, feats.shape[1]])
+        if self.indices.shape[0] > 0:
+            lin = self.indices[:, 0].long()
+            for d, s in enumerate(self.spatial_shape):
+                lin = lin * s + self.indices[:, d + 1].long()
+            out = out.index_put((lin,), feats)
+        out = out.view(self.batch_size, *self.spatial_shape, feats.shape[1])
+        if channels_first:
+            out = out.permute(0, self.ndim + 1, *range(1, self.ndim + 1)).contiguous()
+        return out
+
+    @classmethod
+    def from_dense(cls, x: torch.Tensor) -> "SparseConvTensor":
+        """From a channels-last dense tensor ``[B, *spatial, C]``; a site is active if any channel is non-zero."""
+        if x.dim() < 3:
+            raise ValueError(f"from_dense expects a channels-last tensor [B, *spatial, C], got shape {tuple(x.shape)}")
+        mask = (x != 0).any(-1)
+        indices = mask.nonzero().int().contiguous()
+        return cls(x[mask], indices, list(x.shape[1:-1]), x.shape[0])
+
+    def _other_features(self, other) -> torch.Tensor:
+        if isinstance(other, SparseConvTensor):
+            if other.indices is not self.indices and (other.indices.shape != self.indices.shape
+                                                      or not torch.equal(other.indices, self.indices)):
+                raise ValueError("'+' needs both sparse tensors on the same sites in the same row order; "
+                                 "use spconv.pytorch.functional.sparse_add for different sites")
+            return other.features
+        return other
+
+    def __add__(self, other) -> "SparseConvTensor":
+        return self.replace_feature(self._features + self._other_features(other))
+
+    def __radd__(self, other) -> "SparseConvTensor":
+        return self.replace_feature(self._other_features(other) + self._features)
+
+    def __iadd__(self, other) -> "SparseConvTensor":
+        return self.__add__(other)
+
+    def dequantize(self) -> "SparseConvTensor":
+        return self.replace_feature(self._features.dequantize())
+
+    def q_scale(self):
+        if self.is_quantized:
+            return self._features.q_scale()
+        raise ValueError("sparse tensor is not quantized")
+
+    def __repr__(self) -> str:
+        f = self._features
+        return (f"SparseConvTensor(features=[{f.shape[0]}, {f.shape[1] if f.dim() > 1 else '?'}] {f.dtype} on "
+                f"{f.device}, indices=[{self.indices.shape[0]}, {self.indices.shape[1]}], "
+                f"spatial_shape={self.spatial_shape}, batch_size={self.batch_size}, "
+                f"indice_keys={list(self.indice_dict.keys())})")
+
+
+def scatter_nd(indices: torch.Tensor, updates: torch.Tensor, shape: List[int]) -> torch.Tensor:
+    """Dense tensor of ``shape`` with ``ret[tuple(indices.T)] = updates`` (spconv helper)."""
+    ret = torch.zeros(*shape, dtype=updates.dtype, device=updates.device)
+    ndim = indices.shape[-1]
+    flatted = indices.view(-1, ndim).long()
+    ret[tuple(flatted[:, i] for i in range(ndim))] = updates.view(-1, *shape[ndim:])
+    return ret

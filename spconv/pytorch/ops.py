@@ -1,0 +1,78 @@
+"""Kernel-map building and kernel dispatch by device.
+
+CPU tensors run on the compiled extension (``torch.ops.spconv.*``). Other devices raise until
+a backend for them exists.
+"""
+from typing import List, Tuple
+
+import torch
+
+import spconv._C  # noqa: F401  (registers torch.ops.spconv.*)
+
+_ops = torch.ops.spconv
+
+
+def _check_device(t: torch.Tensor, what: str = "features"):
+    if t.device.type != "cpu":
+        raise NotImplementedError(
+            f"spconv: {what} on device '{t.device}' are not supported: this build has only the CPU backend "
+            "(the GPU backend is not available yet). Move the tensors and the model to the CPU with .cpu().")
+
+
+def get_conv_output_size(input_size, kernel_size, stride, padding, dilation) -> List[int]:
+    """``out = (in + 2p - d(k-1) - 1) // s + 1`` per dimension (k == -1 gives 1); raises if any is <= 0."""
+    out = []
+    for d, (i, k, s, p, dl) in enumerate(zip(input_size, kernel_size, stride, padding, dilation)):
+        size = 1 if k == -1 else (i + 2 * p - dl * (k - 1) - 1) // s + 1
+        if size <= 0:
+            raise ValueError(f"output spatial size of dimension {d} is {size} (input {i}, kernel {k}, stride {s}, "
+                             f"padding {p}, dilation {dl}): reduce the kernel/stride or add padding")
+        out.append(size)
+    return out
+
+
+def get_deconv_output_size(input_size, kernel_size, stride, padding, dilation, output_padding) -> List[int]:
+    """``out = (in - 1) s - 2p + d(k-1) + output_padding + 1`` per dimension (torch's ConvTranspose rule)."""
+    out = []
+    for d, (i, k, s, p, dl, op) in enumerate(zip(input_size, kernel_size, stride, padding, dilation, output_padding)):
+        if k == -1:
+            raise ValueError("kernel size -1 is not supported for transposed convs")
+        size = (i - 1) * s - 2 * p + dl * (k - 1) + op + 1
+        if size <= 0:
+            raise ValueError(f"output spatial size of dimension {d} is {size} (input {i}, kernel {k}, stride {s}, "
+                             f"padding {p}): reduce the padding")
+        out.append(size)
+    return out
+
+
+def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation) -> torch.Tensor:
+    """Output-major SubM neighbour table ``[N, K]`` int32 (output sites == input sites)."""
+    _check_device(indices, "indices")
+    return _ops.build_subm_map(indices.contiguous(), list(spatial_shape), list(ksize), list(dilation))
+
+
+def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, padding, dilation,
+                   transposed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Regular or transposed conv: ``(out_indices [M, 1+D] sorted by (batch, coords), table [M, K])``."""
+    _check_device(indices, "indices")
+    return _ops.build_conv_map(indices.contiguous(), list(in_shape), list(out_shape), list(ksize), list(stride),
+                               list(padding), list(dilation), bool(transposed))
+
+
+def invert_map(table: torch.Tensor, num_inputs: int) -> torch.Tensor:
+    """Input-major table ``[num_inputs, K]`` of an output-major one."""
+    return _ops.invert_map(table, int(num_inputs))
+
+
+def gather_conv(features: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, groups: int,
+                transpose_weight: bool) -> torch.Tensor:
+    """``out[j] = sum_r W_r @ f[table[j, r]]`` with ``weight [C_out, K, C_in/groups]`` (``W_r^T`` if transposed)."""
+    _check_device(features)
+    return _ops.gather_conv(features, table, weight, int(groups), bool(transpose_weight))
+
+
+def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_grad: torch.Tensor,
+                            groups: int) -> torch.Tensor:
+    """``dW[:, r, :] = sum_j out_grad[j]^T f[table[j, r]]``, shape ``[C_out, K, C_in/groups]``."""
+    _check_device(features)
+    return _ops.gather_conv_weight_grad(features, table, out_grad.contiguous(), int(groups))

@@ -1,0 +1,196 @@
+// Sparse convolution kernels on the CPU, driven by a destination-major neighbour table.
+//
+//   gather_conv:             dst[j] = sum_r W_r  @ src[table[j, r]]   (forward; W_r = weight[:, r, :])
+//                            dst[j] = sum_r W_r^T @ src[table[j, r]]  (transpose_weight: backward-input)
+//   gather_conv_weight_grad: dW_r   = sum_j dout[j]^T src[table[j, r]]
+//
+// Each thread owns whole tiles of destination rows: it gathers the neighbours of one tap into a
+// cache-resident panel, multiplies it by that tap's weight and accumulates into an fp32 (fp64)
+// tile, so there are no atomics and results are bitwise reproducible for a given thread count.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "spconv/tile_gemm.h"
+
+namespace spconv {
+namespace {
+
+constexpr int64_t kTileRows = 128;
+
+template <typename acc_t>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+
+void check_table(const at::Tensor& table, const at::Tensor& src) {
+  TORCH_CHECK_VALUE(table.dim() == 2 && table.scalar_type() == at::kInt && table.is_contiguous(),
+                    "spconv: neighbour table must be a contiguous int32 [N, K] tensor");
+  TORCH_CHECK_VALUE(src.dim() == 2 && src.device().is_cpu(), "spconv: features must be a 2-D CPU tensor");
+}
+
+template <typename scalar_t>
+at::Tensor gather_conv_typed(const at::Tensor& src_in, const at::Tensor& table, const at::Tensor& weight,
+                             int64_t groups, bool transpose_weight) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const at::Tensor src = src_in.contiguous();
+  const int64_t n_dst = table.size(0), kv = table.size(1);
+  const int64_t c_out = weight.size(0), c_in_g = weight.size(2), c_out_g = c_out / groups;
+  // packed[r][g] is the [C_src_g, C_dst_g] right-hand matrix of tap r, group g.
+  at::Tensor w = weight.to(c10::CppTypeToScalarType<acc_t>::value).view({groups, c_out_g, kv, c_in_g});
+  at::Tensor packed = (transpose_weight ? w.permute({2, 0, 1, 3}) : w.permute({2, 0, 3, 1})).contiguous();
+  const int64_t cs_g = transpose_weight ? c_out_g : c_in_g;
+  const int64_t cd_g = transpose_weight ? c_in_g : c_out_g;
+  const int64_t cs = cs_g * groups, cd = cd_g * groups;
+  TORCH_CHECK_VALUE(src.size(1) == cs, "spconv: features have ", src.size(1), " channels, expected ", cs);
+
+  at::Tensor dst = at::empty({n_dst, cd}, src.options());
+  const scalar_t* sp = src.data_ptr<scalar_t>();
+  const int32_t* tp = table.data_ptr<int32_t>();
+  const acc_t* wp = packed.data_ptr<acc_t>();
+  scalar_t* dp = dst.data_ptr<scalar_t>();
+  const int64_t n_tiles = (n_dst + kTileRows - 1) / kTileRows;
+
+  at::parallel_for(0, n_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<acc_t> acc(kTileRows * cd), panel(kTileRows * cs), part(kTileRows * cd);
+    std::vector<int32_t> rows(kTileRows);
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t j0 = tile * kTileRows, tm = std::min(kTileRows, n_dst - j0);
+      std::fill(acc.begin(), acc.begin() + tm * cd, acc_t(0));
+      for (int64_t r = 0; r < kv; ++r) {
+        int64_t m = 0;
+        for (int64_t t = 0; t < tm; ++t) {
+          const int32_t s = tp[(j0 + t) * kv + r];
+          if (s < 0) continue;
+          const scalar_t* srow = sp + int64_t(s) * cs;
+          acc_t* prow = panel.data() + m * cs;
+          for (int64_t c = 0; c < cs; ++c) prow[c] = static_cast<acc_t>(srow[c]);
+          rows[m++] = static_cast<int32_t>(t);
+        }
+        if (m == 0) continue;
+        const bool dense = (m == tm);  // every row has this tap: accumulate in place
+        acc_t* target = dense ? acc.data() : part.data();
+        for (int64_t g = 0; g < groups; ++g) {
+          tile_gemm(m, cd_g, cs_g, panel.data() + g * cs_g, cs, wp + (r * groups + g) * cs_g * cd_g, cd_g,
+                    target + g * cd_g, cd, dense);
+        }
+        if (!dense) {
+          for (int64_t i = 0; i < m; ++i) {
+            acc_t* arow = acc.data() + int64_t(rows[i]) * cd;
+            const acc_t* prow = part.data() + i * cd;
+            for (int64_t c = 0; c < cd; ++c) arow[c] += prow[c];
+          }
+        }
+      }
+      scalar_t* out = dp + j0 * cd;
+      for (int64_t e = 0; e < tm * cd; ++e) out[e] = static_cast<scalar_t>(acc[e]);
+    }
+  });
+  return dst;
+}
+
+at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& table, const at::Tensor& weight, int64_t groups,
+                       bool transpose_weight) {
+  check_table(table, src);
+  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == table.size(1),
+                    "spconv: weight must be [C_out, K, C_in/groups] with K = table.size(1)");
+  TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, "spconv: C_out must be divisible by groups");
+  TORCH_CHECK_VALUE(weight.scalar_type() == src.scalar_type(), "spconv: features are ", src.scalar_type(),
+                    " but weight is ", weight.scalar_type(), "; cast one to the other's dtype");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "spconv_gather_conv", [&] {
+    out = gather_conv_typed<scalar_t>(src, table, weight, groups, transpose_weight);
+  });
+  return out;
+}
+
+template <typename scalar_t>
+at::Tensor gather_conv_weight_grad_typed(const at::Tensor& src_in, const at::Tensor& table,
+                                         const at::Tensor& dout_in, int64_t groups) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const at::Tensor src = src_in.contiguous(), dout = dout_in.contiguous();
+  const int64_t n_dst = table.size(0), kv = table.size(1);
+  const int64_t c_in = src.size(1), c_out = dout.size(1);
+  const int64_t c_in_g = c_in / groups, c_out_g = c_out / groups;
+  const scalar_t* sp = src.data_ptr<scalar_t>();
+  const scalar_t* gp = dout.data_ptr<scalar_t>();
+  const int32_t* tp = table.data_ptr<int32_t>();
+  const int64_t n_tiles = (n_dst + kTileRows - 1) / kTileRows;
+
+  // One partial dW per worker over a fixed split of the tiles, summed in worker order: deterministic.
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n_tiles));
+  const int64_t wsize = kv * groups * c_out_g * c_in_g;
+  std::vector<acc_t> partial(workers * wsize, acc_t(0));
+  at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
+    std::vector<acc_t> dpanel(c_out * kTileRows), spanel(kTileRows * c_in);
+    for (int64_t w = wb; w < we; ++w) {
+      acc_t* pw = partial.data() + w * wsize;
+      const int64_t t0 = n_tiles * w / workers, t1 = n_tiles * (w + 1) / workers;
+      for (int64_t tile = t0; tile < t1; ++tile) {
+        const int64_t j0 = tile * kTileRows, tm = std::min(kTileRows, n_dst - j0);
+        for (int64_t r = 0; r < kv; ++r) {
+          int64_t m = 0;
+          for (int64_t t = 0; t < tm; ++t) {
+            const int32_t s = tp[(j0 + t) * kv + r];
+            if (s < 0) continue;
+            const scalar_t* drow = gp + (j0 + t) * c_out;
+            for (int64_t c = 0; c < c_out; ++c) dpanel[c * kTileRows + m] = static_cast<acc_t>(drow[c]);
+            const scalar_t* srow = sp + int64_t(s) * c_in;
+            acc_t* prow = spanel.data() + m * c_in;
+            for (int64_t c = 0; c < c_in; ++c) prow[c] = static_cast<acc_t>(srow[c]);
+            ++m;
+          }
+          if (m == 0) continue;
+          for (int64_t g = 0; g < groups; ++g) {
+            tile_gemm(c_out_g, c_in_g, m, dpanel.data() + g * c_out_g * kTileRows, kTileRows,
+                      spanel.data() + g * c_in_g, c_in, pw + (r * groups + g) * c_out_g * c_in_g, c_in_g, true);
+          }
+        }
+      }
+    }
+  });
+  for (int64_t w = 1; w < workers; ++w) {
+    const acc_t* pw = partial.data() + w * wsize;
+    for (int64_t e = 0; e < wsize; ++e) partial[e] += pw[e];
+  }
+  at::Tensor sum = at::from_blob(partial.data(), {kv, groups, c_out_g, c_in_g},
+                                 at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  // [K, G, C_out_g, C_in_g] -> [C_out, K, C_in_g]
+  return sum.permute({1, 2, 0, 3}).reshape({c_out, kv, c_in_g}).to(src.scalar_type()).clone();
+}
+
+at::Tensor gather_conv_weight_grad(const at::Tensor& src, const at::Tensor& table, const at::Tensor& dout,
+                                   int64_t groups) {
+  check_table(table, src);
+  TORCH_CHECK_VALUE(dout.dim() == 2 && dout.size(0) == table.size(0),
+                    "spconv: output gradient must have one row per table row");
+  TORCH_CHECK_VALUE(src.scalar_type() == dout.scalar_type(), "spconv: features and gradient dtypes differ");
+  TORCH_CHECK_VALUE(groups >= 1 && src.size(1) % groups == 0 && dout.size(1) % groups == 0,
+                    "spconv: channels must be divisible by groups");
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "spconv_conv_weight_grad", [&] {
+    out = gather_conv_weight_grad_typed<scalar_t>(src, table, dout, groups);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spconv, m) {
+  m.def("gather_conv(Tensor features, Tensor table, Tensor weight, int groups, bool transpose_weight) -> Tensor");
+  m.def("gather_conv_weight_grad(Tensor features, Tensor table, Tensor out_grad, int groups) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(spconv, CPU, m) {
+  m.impl("gather_conv", &gather_conv);
+  m.impl("gather_conv_weight_grad", &gather_conv_weight_grad);
+}
+
+}  // namespace spconv
