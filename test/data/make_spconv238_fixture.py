@@ -142,8 +142,8 @@ def main():
     nets = build_nets(spconv_ns)
     fixture = {
         "meta": {
-            "spconv_version": spconv.__version__,
-            "torch_version": torch.__version__,
+            "spconv_version": str(spconv.__version__),
+            "torch_version": str(torch.__version__),
             "num_threads": torch.get_num_threads(),
             "python": sys.version.split()[0],
             "note": "outputs: active rows of .dense(), sorted by linearised (b,*spatial); train() forward",
