@@ -13,6 +13,10 @@ if ! .venv/bin/python -c "import torch, numpy, pytest, hypothesis, ninja" 2>/dev
 fi
 lib=$(ls spconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [[ -z "$lib" ]] || [[ -n "$(find src include setup.py -newer "$lib" -type f 2>/dev/null | head -n 1)" ]]; then
-  echo "building the spconv C++ extension (about a minute)..." >&2
+  echo "building the spconv C++ extension (a minute or two)..." >&2
+  .venv/bin/python setup.py -q build_ext --inplace >&2
+fi
+if ! .venv/bin/python -c "import importlib.metadata as m; m.version('spconv')" 2>/dev/null; then
+  # registers the source tree with the venv (editable), so examples and benches import it from anywhere
   .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >&2
 fi

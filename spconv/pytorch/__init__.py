@@ -12,6 +12,10 @@ from spconv.pytorch.core import SparseConvTensor
 from spconv.pytorch.identity import Identity
 from spconv.pytorch.modules import (SparseBatchNorm, SparseIdentity, SparseModule, SparseReLU, SparseSequential,
                                     assign_name_for_sparse_modules)
+from spconv.pytorch.pool import (SparseAvgPool1d, SparseAvgPool2d, SparseAvgPool3d, SparseAvgPool4d,
+                                 SparseGlobalAvgPool, SparseGlobalMaxPool, SparseMaxPool1d, SparseMaxPool2d,
+                                 SparseMaxPool3d, SparseMaxPool4d)
+from spconv.pytorch.tables import AddTable, ConcatTable, JoinTable
 
 
 class ToDense(SparseModule):

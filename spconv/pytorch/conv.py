@@ -5,7 +5,7 @@ dense reference: ``torch.nn.functional.convNd`` takes ``weight.permute(0, D+1, 1
 ``conv_transposeNd`` takes ``weight.permute(D+1, 0, 1..D)`` (groups == 1).
 """
 import math
-from typing import List, Optional, Union
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,8 +15,8 @@ from torch.nn import init
 from spconv import constants
 from spconv.core import ConvAlgo
 from spconv.pytorch import functional as Fsp
-from spconv.pytorch import ops
-from spconv.pytorch.core import IndiceData, SparseConvTensor, expand_nd
+from spconv.pytorch import kernel_maps, ops
+from spconv.pytorch.core import SparseConvTensor, expand_nd
 from spconv.pytorch.modules import SparseModule
 
 _MAX_NUM_VOXELS_DURING_TRAINING = "max_num_voxels_during_training"
@@ -195,65 +195,6 @@ class SparseConvolution(SparseModule):
                              f"{self.weight.dtype}; convert the model (model.to({features.dtype})) or the "
                              f"features (x.replace_feature(x.features.to({self.weight.dtype})))")
 
-    def _inverse_map(self, input: SparseConvTensor) -> IndiceData:
-        key = self.indice_key
-        data = input.find_indice_pair(key)
-        if data is None:
-            raise ValueError(f"{self._describe()}: the input has no kernel map under indice_key {key!r} "
-                             f"(keys present: {list(input.indice_dict.keys())}). An inverse conv must follow, "
-                             f"in the same network, the SparseConv/SparseMaxPool created with indice_key={key!r}.")
-        if data.is_subm:
-            raise ValueError(f"{self._describe()}: indice_key {key!r} belongs to a SubM conv; inverse convs can only "
-                             "undo regular (strided) convs and pools: use the key of the downsampling layer.")
-        if data.ksize != self.kernel_size:
-            raise ValueError(f"{self._describe()}: indice_key {key!r} was created with kernel_size={data.ksize}; "
-                             f"the inverse conv must use the same kernel_size.")
-        if list(input.spatial_shape) != data.out_spatial_shape or input.indices.shape[0] != data.out_indices.shape[0]:
-            raise ValueError(f"{self._describe()}: the input ({input.indices.shape[0]} sites, spatial_shape "
-                             f"{input.spatial_shape}) is not the output of the layer that created indice_key {key!r} "
-                             f"({data.out_indices.shape[0]} sites, spatial_shape {data.out_spatial_shape}). A layer in "
-                             "between changed the sites: give it its own indice_key and invert it too.")
-        return data
-
-    def _subm_map(self, input: SparseConvTensor) -> IndiceData:
-        key = self.indice_key
-        data = input.find_indice_pair(key)
-        if data is not None:
-            if not data.is_subm:
-                raise ValueError(f"{self._describe()}: indice_key {key!r} was created by a regular/transposed conv "
-                                 f"or pool (kernel_size={data.ksize}, stride={data.stride}); a SubM layer cannot "
-                                 "reuse it. Give the SubM layers their own key.")
-            if data.ksize != self.kernel_size or data.dilation != self.dilation:
-                raise ValueError(f"{self._describe()}: indice_key {key!r} holds a SubM map with kernel_size="
-                                 f"{data.ksize}, dilation={data.dilation}; layers sharing a key need the same kernel "
-                                 "size and dilation. Use a different indice_key for this layer.")
-            if data.spatial_shape != list(input.spatial_shape) or data.indices.shape[0] != input.indices.shape[0]:
-                raise ValueError(f"{self._describe()}: indice_key {key!r} was built on {data.indices.shape[0]} sites "
-                                 f"with spatial_shape {data.spatial_shape}, but this input has "
-                                 f"{input.indices.shape[0]} sites with spatial_shape {input.spatial_shape}. SubM "
-                                 "layers at different resolutions need different indice_keys.")
-            return data
-        pad = [(k // 2) * d for k, d in zip(self.kernel_size, self.dilation)]
-        table = ops.build_subm_map(input.indices, input.spatial_shape, self.kernel_size, self.dilation)
-        return IndiceData(input.indices, input.indices, table, None, input.spatial_shape, input.spatial_shape, True,
-                          self.algo, self.kernel_size, [1] * self.ndim, self.dilation, pad)
-
-    def _conv_map(self, input: SparseConvTensor) -> IndiceData:
-        key = self.indice_key
-        if key is not None and key in input.indice_dict:
-            raise ValueError(f"{self._describe()}: indice_key {key!r} already exists in this tensor; only SubM layers "
-                             "share keys. Give each strided/transposed conv (and pool) a new key.")
-        if self.transposed:
-            out_shape = ops.get_deconv_output_size(input.spatial_shape, self.kernel_size, self.stride, self.padding,
-                                                   self.dilation, self.output_padding)
-        else:
-            out_shape = ops.get_conv_output_size(input.spatial_shape, self.kernel_size, self.stride, self.padding,
-                                                 self.dilation)
-        out_indices, table = ops.build_conv_map(input.indices, input.spatial_shape, out_shape, self.kernel_size,
-                                                self.stride, self.padding, self.dilation, self.transposed)
-        return IndiceData(out_indices, input.indices, table, None, input.spatial_shape, out_shape, False, self.algo,
-                          self.kernel_size, self.stride, self.dilation, self.padding)
-
     def _conv1x1(self, input: SparseConvTensor) -> torch.Tensor:
         w = self.weight
         if constants.SPCONV_LEGACY_1X1_WEIGHT_VIEW:
@@ -273,17 +214,21 @@ class SparseConvolution(SparseModule):
             out_features = self._conv1x1(input)
             out_indices, out_shape = input.indices, input.spatial_shape
         else:
+            desc = self._describe()
             if self.inverse:
-                data = self._inverse_map(input)
+                data = kernel_maps.inverse_map(input, self.indice_key, self.kernel_size, desc)
                 fwd_table, bwd_table = data.input_major_pairs, data.indice_pairs
                 out_indices, out_shape = data.indices, data.spatial_shape
             else:
-                data = self._subm_map(input) if self.subm else self._conv_map(input)
+                if self.subm:
+                    data = kernel_maps.subm_map(input, self.indice_key, self.kernel_size, self.dilation, self.algo,
+                                                desc)
+                else:
+                    data = kernel_maps.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
+                                                self.dilation, self.algo, desc, self.transposed, self.output_padding)
                 fwd_table, bwd_table = data.indice_pairs, (lambda: data.input_major_pairs)
                 out_indices, out_shape = data.out_indices, data.out_spatial_shape
-                if self.indice_key is not None and self.indice_key not in indice_dict:
-                    indice_dict = dict(indice_dict)
-                    indice_dict[self.indice_key] = data
+                indice_dict = kernel_maps.with_key(indice_dict, self.indice_key, data)
             out_features = Fsp.sparse_conv(input.features.contiguous(), self.weight, fwd_table, bwd_table,
                                            self.groups)
         if self._records_voxels():

@@ -52,3 +52,92 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, fwd_table: torch.T
         with torch.autocast(features.device.type, enabled=False):
             return SparseConvFunction.apply(features.to(dtype), weight.to(dtype), fwd_table, bwd_table, groups)
     return SparseConvFunction.apply(features, weight, fwd_table, bwd_table, groups)
+
+
+class SparseMaxPoolFunction(Function):
+    """forward(features [N_in, C], fwd_table [N_out, K], bwd_table [N_in, K] or callable) -> [N_out, C]"""
+
+    @staticmethod
+    def forward(ctx, features, fwd_table, bwd_table):
+        out, argmax = ops.maxpool_forward(features.contiguous(), fwd_table)
+        ctx.save_for_backward(argmax)
+        ctx.bwd_table = bwd_table
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, out_grad):
+        (argmax,) = ctx.saved_tensors
+        bwd_table = ctx.bwd_table() if callable(ctx.bwd_table) else ctx.bwd_table
+        return ops.maxpool_backward(out_grad.contiguous(), argmax, bwd_table), None, None
+
+
+class SparseAvgPoolFunction(Function):
+    """forward(features [N_in, C], fwd_table [N_out, K], bwd_table [N_in, K] or callable) -> [N_out, C]"""
+
+    @staticmethod
+    def forward(ctx, features, fwd_table, bwd_table):
+        out, counts = ops.avgpool_forward(features.contiguous(), fwd_table)
+        ctx.save_for_backward(counts)
+        ctx.bwd_table = bwd_table
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, out_grad):
+        (counts,) = ctx.saved_tensors
+        bwd_table = ctx.bwd_table() if callable(ctx.bwd_table) else ctx.bwd_table
+        return ops.avgpool_backward(out_grad.contiguous(), counts, bwd_table), None, None
+
+
+indice_maxpool = SparseMaxPoolFunction.apply
+indice_avgpool = SparseAvgPoolFunction.apply
+
+
+def _linear_keys(indices: torch.Tensor, shape) -> torch.Tensor:
+    """int64 key of each row of indices [N, 1+D] in a grid of ``shape`` = [B, *spatial] (row-major)."""
+    key = indices[:, 0].long()
+    for d, s in enumerate(shape[1:]):
+        key = key * int(s) + indices[:, d + 1].long()
+    return key
+
+
+def sparse_add(*tens):
+    """Sum of sparse tensors with possibly different sites: the union of the sites, coinciding sites
+    summed. Output rows are sorted by (batch, coords). The result keeps the ``indice_dict`` of the
+    operand with the most sites when it has exactly that many (so an inverse conv can follow)."""
+    from spconv.pytorch.core import SparseConvTensor
+    if len(tens) < 1:
+        raise ValueError("sparse_add needs at least one SparseConvTensor")
+    first = tens[0]
+    for t in tens:
+        if not isinstance(t, SparseConvTensor):
+            raise TypeError(f"sparse_add takes SparseConvTensors, got {type(t).__name__}")
+        if t.spatial_shape != first.spatial_shape or t.batch_size != first.batch_size:
+            raise ValueError(f"sparse_add needs equal spatial_shape and batch_size, got {t.spatial_shape}/"
+                             f"{t.batch_size} and {first.spatial_shape}/{first.batch_size}")
+        if t.features.shape[1] != first.features.shape[1]:
+            raise ValueError(f"sparse_add needs equal channel counts, got {t.features.shape[1]} and "
+                             f"{first.features.shape[1]}")
+    shape = [first.batch_size, *first.spatial_shape]
+    indices = torch.cat([t.indices for t in tens])
+    keys = _linear_keys(indices, shape)
+    uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
+    dtype = torch.promote_types(*[t.features.dtype for t in tens]) if len(tens) > 1 else first.features.dtype
+    feats = torch.cat([t.features.to(dtype) for t in tens])
+    out_feats = feats.new_zeros((uniq.shape[0], feats.shape[1])).index_add(0, inverse, feats)
+    first_row = torch.full((uniq.shape[0],), indices.shape[0], dtype=torch.long, device=indices.device)
+    first_row = first_row.scatter_reduce(0, inverse, torch.arange(indices.shape[0], device=indices.device), "amin")
+    out_indices = indices[first_row].contiguous()
+    largest = max(tens, key=lambda t: t.indices.shape[0])
+    indice_dict = largest.indice_dict if largest.indices.shape[0] == uniq.shape[0] else {}
+    out = first._derive(out_feats, out_indices, first.spatial_shape, indice_dict)
+    if indice_dict:  # keep the largest operand's row order so its kernel maps stay valid
+        pos = torch.searchsorted(uniq, _linear_keys(largest.indices, shape))
+        out = first._derive(out_feats[pos], largest.indices, first.spatial_shape, indice_dict)
+    return out
+
+
+def sparse_add_hash_based(*tens):
+    """Same result as :func:`sparse_add` (spconv computes it with a hash table; row order may differ there)."""
+    return sparse_add(*tens)

@@ -76,3 +76,24 @@ def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_gra
     """``dW[:, r, :] = sum_j out_grad[j]^T f[table[j, r]]``, shape ``[C_out, K, C_in/groups]``."""
     _check_device(features)
     return _ops.gather_conv_weight_grad(features, table, out_grad.contiguous(), int(groups))
+
+
+def maxpool_forward(features: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Max over the active taps of each output row: ``(out [N_out, C], argmax input row [N_out, C])``."""
+    _check_device(features)
+    return _ops.maxpool_forward(features, table)
+
+
+def maxpool_backward(out_grad: torch.Tensor, argmax: torch.Tensor, table_in: torch.Tensor) -> torch.Tensor:
+    """Routes each output gradient to its argmax input row, through the input-major table."""
+    return _ops.maxpool_backward(out_grad, argmax, table_in)
+
+
+def avgpool_forward(features: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the active taps: ``(out [N_out, C], active tap counts [N_out] int32)``."""
+    _check_device(features)
+    return _ops.avgpool_forward(features, table), _ops.active_counts(table)
+
+
+def avgpool_backward(out_grad: torch.Tensor, counts: torch.Tensor, table_in: torch.Tensor) -> torch.Tensor:
+    return _ops.avgpool_backward(out_grad, counts, table_in)
