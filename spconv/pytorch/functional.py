@@ -123,7 +123,9 @@ def sparse_add(*tens):
     indices = torch.cat([t.indices for t in tens])
     keys = _linear_keys(indices, shape)
     uniq, inverse = torch.unique(keys, sorted=True, return_inverse=True)
-    dtype = torch.promote_types(*[t.features.dtype for t in tens]) if len(tens) > 1 else first.features.dtype
+    dtype = first.features.dtype
+    for t in tens[1:]:
+        dtype = torch.promote_types(dtype, t.features.dtype)
     feats = torch.cat([t.features.to(dtype) for t in tens])
     out_feats = feats.new_zeros((uniq.shape[0], feats.shape[1])).index_add(0, inverse, feats)
     first_row = torch.full((uniq.shape[0],), indices.shape[0], dtype=torch.long, device=indices.device)
