@@ -1,4 +1,10 @@
 // Kernel-map building on the CPU: output-major neighbour tables nbr[out_row, tap] = input row or -1.
+//
+// Sites are linearised to int64 keys (batch slowest, last dim fastest) and radix-sorted. For a fixed
+// kernel tap the map from an output coordinate to the input coordinate it reads is strictly increasing
+// in every dimension, so walking the outputs in key order visits that tap's input keys in increasing
+// order too: each tap is a linear merge against the sorted input keys (no hashing, cache friendly).
+// Strided and transposed convs first collect every reachable output key and sort-unique them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -7,7 +13,7 @@
 #include <tuple>
 
 #include "spconv/geometry.h"
-#include "spconv/hash_table.h"
+#include "spconv/radix_sort.h"
 
 namespace spconv {
 namespace {
@@ -17,33 +23,6 @@ inline void read_coord(const int32_t* row, int ndim, int64_t* batch, Coord* c) {
   for (int d = 0; d < ndim; ++d) (*c)[d] = row[1 + d];
 }
 
-// Hash of the input sites keyed on (batch, coord) in the input grid; rejects duplicate sites.
-CoordHashTable build_site_table(const at::Tensor& indices, const Coord& shape, int ndim) {
-  const int64_t n = indices.size(0);
-  const int32_t* idx = indices.data_ptr<int32_t>();
-  CoordHashTable table(n);
-  std::atomic<int64_t> duplicate_row{-1};
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t b;
-      Coord c;
-      read_coord(idx + i * (ndim + 1), ndim, &b, &c);
-      bool inserted;
-      int64_t slot = table.insert(linear_key(b, c, shape, ndim), &inserted);
-      if (inserted) {
-        table.set_value(slot, static_cast<int32_t>(i));
-      } else {
-        duplicate_row.store(i);
-      }
-    }
-  });
-  TORCH_CHECK_VALUE(duplicate_row.load() < 0, "spconv: indices contain duplicate sites (row ",
-                    duplicate_row.load(),
-                    " repeats an earlier (batch, coordinate)); merge duplicates first, e.g. with "
-                    "torch.unique(indices, dim=0, return_inverse=True) and a scatter-add of the features");
-  return table;
-}
-
 void check_indices(const at::Tensor& indices, int ndim) {
   TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(1) == ndim + 1 && indices.scalar_type() == at::kInt &&
                         indices.is_contiguous() && indices.device().is_cpu(),
@@ -51,55 +30,44 @@ void check_indices(const at::Tensor& indices, int ndim) {
   TORCH_CHECK_VALUE(indices.size(0) < (int64_t(1) << 31), "spconv: at most 2^31-1 sites are supported");
 }
 
-// SubM: out sites == in sites; nbr[j, r] = row of site (y - pad + r * dil) with pad = (k // 2) * dil.
-at::Tensor build_subm_map(const at::Tensor& indices, at::IntArrayRef spatial_shape, at::IntArrayRef ksize,
-                          at::IntArrayRef dilation) {
-  const int ndim = static_cast<int>(spatial_shape.size());
-  check_indices(indices, ndim);
-  std::vector<int64_t> ones(ndim, 1), pad(ndim);
-  for (int d = 0; d < ndim; ++d) pad[d] = (ksize[d] / 2) * dilation[d];
-  ConvGeometry g(ndim, spatial_shape, spatial_shape, ksize, ones, pad, dilation);
-  const int64_t n = indices.size(0), kv = g.kernel_volume;
-  CoordHashTable table = build_site_table(indices, g.in_shape, ndim);
-  at::Tensor nbr = at::empty({n, kv}, indices.options());
-  int32_t* out = nbr.data_ptr<int32_t>();
+int64_t max_key(int64_t batch_size, const Coord& shape, int ndim) {
+  int64_t v = batch_size;
+  for (int d = 0; d < ndim; ++d) v *= shape[d];
+  return v - 1;
+}
+
+// The input sites sorted by key: keys ascending, rows[i] = the row of the i-th smallest key.
+struct SortedSites {
+  std::vector<int64_t> keys;
+  std::vector<int32_t> rows;
+};
+
+SortedSites sort_sites(const at::Tensor& indices, const Coord& shape, int ndim, int64_t batch_size) {
+  const int64_t n = indices.size(0);
   const int32_t* idx = indices.data_ptr<int32_t>();
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
+  SortedSites s;
+  s.keys.resize(n);
+  s.rows.resize(n);
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
       int64_t b;
-      Coord y, x;
-      read_coord(idx + j * (ndim + 1), ndim, &b, &y);
-      for (int64_t r = 0; r < kv; ++r) {
-        bool inside = true;
-        for (int d = 0; d < ndim; ++d) {
-          x[d] = y[d] - g.padding[d] + g.offsets[r][d] * g.dilation[d];
-          inside &= (x[d] >= 0) & (x[d] < g.in_shape[d]);
-        }
-        out[j * kv + r] = inside ? table.find(linear_key(b, x, g.in_shape, ndim)) : -1;
-      }
+      Coord c;
+      read_coord(idx + i * (ndim + 1), ndim, &b, &c);
+      s.keys[i] = linear_key(b, c, shape, ndim);
+      s.rows[i] = static_cast<int32_t>(i);
     }
   });
-  return nbr;
-}
-
-// Output coordinate reached from input x through tap r, or false when there is none.
-inline bool output_of(const ConvGeometry& g, bool transposed, const Coord& x, int64_t r, Coord* y) {
-  for (int d = 0; d < g.ndim; ++d) {
-    int64_t v;
-    if (transposed) {
-      v = x[d] * g.stride[d] - g.padding[d] + g.offsets[r][d] * g.dilation[d];
-    } else {
-      int64_t t = x[d] + g.padding[d] - g.offsets[r][d] * g.dilation[d];
-      if (t < 0 || t % g.stride[d] != 0) return false;
-      v = t / g.stride[d];
-    }
-    if (v < 0 || v >= g.out_shape[d]) return false;
-    (*y)[d] = v;
+  if (!std::is_sorted(s.keys.begin(), s.keys.end())) radix_sort(s.keys, s.rows, max_key(batch_size, shape, ndim));
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(s.keys[i] != s.keys[i - 1], "spconv: indices contain duplicate sites (rows ",
+                      std::min(s.rows[i - 1], s.rows[i]), " and ", std::max(s.rows[i - 1], s.rows[i]),
+                      " hold the same (batch, coordinate)); merge duplicates first, e.g. with "
+                      "torch.unique(indices, dim=0, return_inverse=True) and a scatter-add of the features");
   }
-  return true;
+  return s;
 }
 
-// Input coordinate feeding output y through tap r, or false when there is none.
+// Input coordinate that output y reads through tap r, or false when there is none.
 inline bool input_of(const ConvGeometry& g, bool transposed, const Coord& y, int64_t r, Coord* x) {
   for (int d = 0; d < g.ndim; ++d) {
     int64_t v;
@@ -116,68 +84,127 @@ inline bool input_of(const ConvGeometry& g, bool transposed, const Coord& y, int
   return true;
 }
 
+// Output coordinate that input x reaches through tap r, or false when there is none.
+inline bool output_of(const ConvGeometry& g, bool transposed, const Coord& x, int64_t r, Coord* y) {
+  for (int d = 0; d < g.ndim; ++d) {
+    int64_t v;
+    if (transposed) {
+      v = x[d] * g.stride[d] - g.padding[d] + g.offsets[r][d] * g.dilation[d];
+    } else {
+      int64_t t = x[d] + g.padding[d] - g.offsets[r][d] * g.dilation[d];
+      if (t < 0 || t % g.stride[d] != 0) return false;
+      v = t / g.stride[d];
+    }
+    if (v < 0 || v >= g.out_shape[d]) return false;
+    (*y)[d] = v;
+  }
+  return true;
+}
+
+// Fills nbr[out_row, r] for outputs visited in increasing key order: out_keys[o] (sorted), out_rows[o].
+void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, const std::vector<int64_t>& out_keys,
+                const int32_t* out_rows, int32_t* nbr) {
+  const int64_t m = static_cast<int64_t>(out_keys.size()), kv = g.kernel_volume, n = in.keys.size();
+  const int ndim = g.ndim;
+  at::parallel_for(0, m, 2048, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> ptr(kv, -1);  // per tap: position in the sorted input keys, -1 = not yet placed
+    for (int64_t o = begin; o < end; ++o) {
+      int64_t b;
+      Coord y, x;
+      decode_key(out_keys[o], g.out_shape, ndim, &b, &y);
+      int32_t* row = nbr + int64_t(out_rows ? out_rows[o] : o) * kv;
+      for (int64_t r = 0; r < kv; ++r) {
+        int32_t found = -1;
+        if (input_of(g, transposed, y, r, &x)) {
+          const int64_t target = linear_key(b, x, g.in_shape, ndim);
+          int64_t p = ptr[r];
+          if (p < 0) {
+            p = std::lower_bound(in.keys.begin(), in.keys.end(), target) - in.keys.begin();
+          } else {
+            // short linear walk, then binary search when the gap is large
+            int64_t steps = 0;
+            while (p < n && in.keys[p] < target && ++steps < 16) ++p;
+            if (p < n && in.keys[p] < target) p = std::lower_bound(in.keys.begin() + p, in.keys.end(), target) - in.keys.begin();
+          }
+          ptr[r] = p;
+          if (p < n && in.keys[p] == target) found = in.rows[p];
+        }
+        row[r] = found;
+      }
+    }
+  });
+}
+
+// SubM: out sites == in sites; nbr[j, r] = row of site (y - pad + r * dil) with pad = (k // 2) * dil.
+at::Tensor build_subm_map(const at::Tensor& indices, int64_t batch_size, at::IntArrayRef spatial_shape,
+                          at::IntArrayRef ksize, at::IntArrayRef dilation) {
+  const int ndim = static_cast<int>(spatial_shape.size());
+  check_indices(indices, ndim);
+  std::vector<int64_t> ones(ndim, 1), pad(ndim);
+  for (int d = 0; d < ndim; ++d) pad[d] = (ksize[d] / 2) * dilation[d];
+  ConvGeometry g(ndim, spatial_shape, spatial_shape, ksize, ones, pad, dilation);
+  SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
+  at::Tensor nbr = at::empty({indices.size(0), g.kernel_volume}, indices.options());
+  merge_taps(g, false, in, in.keys, in.rows.data(), nbr.data_ptr<int32_t>());
+  return nbr;
+}
+
 int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
 
-// Regular (strided) or transposed conv: output sites are every site some input reaches,
-// sorted by (batch, coordinate); returns (out_indices [M, 1+D], nbr [M, K]).
-std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, at::IntArrayRef in_shape,
-                                                  at::IntArrayRef out_shape, at::IntArrayRef ksize,
-                                                  at::IntArrayRef stride, at::IntArrayRef padding,
-                                                  at::IntArrayRef dilation, bool transposed) {
+// Regular (strided) or transposed conv: output sites are every site some input reaches, sorted by
+// (batch, coordinate); returns (out_indices [M, 1+D], nbr [M, K]).
+std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int64_t batch_size,
+                                                  at::IntArrayRef in_shape, at::IntArrayRef out_shape,
+                                                  at::IntArrayRef ksize, at::IntArrayRef stride,
+                                                  at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed) {
   const int ndim = static_cast<int>(in_shape.size());
   check_indices(indices, ndim);
   ConvGeometry g(ndim, in_shape, out_shape, ksize, stride, padding, dilation);
   const int64_t n = indices.size(0), kv = g.kernel_volume;
   const int32_t* idx = indices.data_ptr<int32_t>();
-  CoordHashTable in_table = build_site_table(indices, g.in_shape, ndim);
+  SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
 
-  // Upper bound on distinct outputs sizes the output hash table.
-  int64_t per_input = 1;
-  for (int d = 0; d < ndim; ++d) {
-    int64_t taps = transposed ? g.ksize[d]
-                              : std::min<int64_t>(g.ksize[d], (g.ksize[d] * gcd64(g.dilation[d], g.stride[d]) +
-                                                               g.stride[d] - 1) / g.stride[d]);
-    per_input *= std::max<int64_t>(taps, 1);
-  }
-  CoordHashTable out_table(std::max<int64_t>(n * per_input, 1));
-  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+  // every output key any input reaches, per thread, then one sort-unique
+  const int threads = at::get_num_threads();
+  std::vector<std::vector<int64_t>> found(threads);
+  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t>& out = found[at::get_thread_num()];
     for (int64_t i = begin; i < end; ++i) {
       int64_t b;
       Coord x, y;
       read_coord(idx + i * (ndim + 1), ndim, &b, &x);
       for (int64_t r = 0; r < kv; ++r) {
-        if (!output_of(g, transposed, x, r, &y)) continue;
-        bool inserted;
-        out_table.insert(linear_key(b, y, g.out_shape, ndim), &inserted);
+        if (output_of(g, transposed, x, r, &y)) out.push_back(linear_key(b, y, g.out_shape, ndim));
       }
     }
   });
-
   std::vector<int64_t> keys;
-  for (int64_t s = 0; s < out_table.capacity(); ++s) {
-    if (out_table.key_at(s) != CoordHashTable::kEmpty) keys.push_back(out_table.key_at(s));
+  size_t total = 0;
+  for (auto& f : found) total += f.size();
+  keys.reserve(total);
+  for (auto& f : found) {
+    keys.insert(keys.end(), f.begin(), f.end());
+    std::vector<int64_t>().swap(f);
   }
-  std::sort(keys.begin(), keys.end());
+  std::vector<int32_t> no_vals;
+  radix_sort(keys, no_vals, max_key(batch_size, g.out_shape, ndim));
+  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
   const int64_t m = static_cast<int64_t>(keys.size());
   TORCH_CHECK_VALUE(m < (int64_t(1) << 31), "spconv: more than 2^31-1 output sites");
 
   at::Tensor out_indices = at::empty({m, ndim + 1}, indices.options());
-  at::Tensor nbr = at::empty({m, kv}, indices.options());
   int32_t* oidx = out_indices.data_ptr<int32_t>();
-  int32_t* onbr = nbr.data_ptr<int32_t>();
-  at::parallel_for(0, m, 1024, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, m, 16384, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       int64_t b;
-      Coord y, x;
+      Coord y;
       decode_key(keys[j], g.out_shape, ndim, &b, &y);
       oidx[j * (ndim + 1)] = static_cast<int32_t>(b);
       for (int d = 0; d < ndim; ++d) oidx[j * (ndim + 1) + 1 + d] = static_cast<int32_t>(y[d]);
-      for (int64_t r = 0; r < kv; ++r) {
-        onbr[j * kv + r] =
-            input_of(g, transposed, y, r, &x) ? in_table.find(linear_key(b, x, g.in_shape, ndim)) : -1;
-      }
     }
   });
+  at::Tensor nbr = at::empty({m, kv}, indices.options());
+  merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());
   return {out_indices, nbr};
 }
 
@@ -203,10 +230,10 @@ at::Tensor invert_map(const at::Tensor& nbr, int64_t num_inputs) {
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(spconv, m) {
-  m.def("build_subm_map(Tensor indices, int[] spatial_shape, int[] ksize, int[] dilation) -> Tensor");
+  m.def("build_subm_map(Tensor indices, int batch_size, int[] spatial_shape, int[] ksize, int[] dilation) -> Tensor");
   m.def(
-      "build_conv_map(Tensor indices, int[] in_shape, int[] out_shape, int[] ksize, int[] stride, int[] padding, "
-      "int[] dilation, bool transposed) -> (Tensor, Tensor)");
+      "build_conv_map(Tensor indices, int batch_size, int[] in_shape, int[] out_shape, int[] ksize, int[] stride, "
+      "int[] padding, int[] dilation, bool transposed) -> (Tensor, Tensor)");
   m.def("invert_map(Tensor nbr, int num_inputs) -> Tensor");
 }
 

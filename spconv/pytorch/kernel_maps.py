@@ -38,7 +38,7 @@ def subm_map(input: SparseConvTensor, key: Optional[str], ksize: List[int], dila
                              "different indice_keys.")
         return data
     pad = [(k // 2) * d for k, d in zip(ksize, dilation)]
-    table = ops.build_subm_map(input.indices, input.spatial_shape, ksize, dilation)
+    table = ops.build_subm_map(input.indices, input.spatial_shape, ksize, dilation, input.batch_size)
     return IndiceData(input.indices, input.indices, table, None, input.spatial_shape, input.spatial_shape, True,
                       algo, ksize, [1] * len(ksize), dilation, pad)
 
@@ -55,7 +55,7 @@ def conv_map(input: SparseConvTensor, key: Optional[str], ksize: List[int], stri
     else:
         out_shape = ops.get_conv_output_size(input.spatial_shape, ksize, stride, padding, dilation)
     out_indices, table = ops.build_conv_map(input.indices, input.spatial_shape, out_shape, ksize, stride, padding,
-                                            dilation, transposed)
+                                            dilation, transposed, input.batch_size)
     return IndiceData(out_indices, input.indices, table, None, input.spatial_shape, out_shape, False, algo, ksize,
                       stride, dilation, padding)
 

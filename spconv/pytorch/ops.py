@@ -45,18 +45,26 @@ def get_deconv_output_size(input_size, kernel_size, stride, padding, dilation, o
     return out
 
 
-def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation) -> torch.Tensor:
+def _batch_size(indices: torch.Tensor, batch_size) -> int:
+    if batch_size is not None:
+        return int(batch_size)
+    return int(indices[:, 0].max()) + 1 if indices.shape[0] > 0 else 1
+
+
+def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_size=None) -> torch.Tensor:
     """Output-major SubM neighbour table ``[N, K]`` int32 (output sites == input sites)."""
     _check_device(indices, "indices")
-    return _ops.build_subm_map(indices.contiguous(), list(spatial_shape), list(ksize), list(dilation))
+    return _ops.build_subm_map(indices.contiguous(), _batch_size(indices, batch_size), list(spatial_shape),
+                               list(ksize), list(dilation))
 
 
 def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, padding, dilation,
-                   transposed: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                   transposed: bool, batch_size=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Regular or transposed conv: ``(out_indices [M, 1+D] sorted by (batch, coords), table [M, K])``."""
     _check_device(indices, "indices")
-    return _ops.build_conv_map(indices.contiguous(), list(in_shape), list(out_shape), list(ksize), list(stride),
-                               list(padding), list(dilation), bool(transposed))
+    return _ops.build_conv_map(indices.contiguous(), _batch_size(indices, batch_size), list(in_shape),
+                               list(out_shape), list(ksize), list(stride), list(padding), list(dilation),
+                               bool(transposed))
 
 
 def invert_map(table: torch.Tensor, num_inputs: int) -> torch.Tensor:

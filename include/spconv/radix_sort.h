@@ -1,0 +1,41 @@
+// LSD radix sort of non-negative int64 keys (optionally with int32 payloads), 8 bits per pass and
+// only as many passes as the largest key needs. Stable; O(passes * n).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace spconv {
+
+inline int radix_passes(int64_t max_key) {
+  int passes = 0;
+  while (max_key > 0) {
+    ++passes;
+    max_key >>= 8;
+  }
+  return passes;
+}
+
+// Sorts keys ascending, permuting vals alongside (vals may be empty).
+inline void radix_sort(std::vector<int64_t>& keys, std::vector<int32_t>& vals, int64_t max_key) {
+  const size_t n = keys.size();
+  const bool with_vals = !vals.empty();
+  std::vector<int64_t> tmp_keys(n);
+  std::vector<int32_t> tmp_vals(with_vals ? n : 0);
+  const int passes = radix_passes(max_key);
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = pass * 8;
+    size_t count[257] = {0};
+    for (size_t i = 0; i < n; ++i) ++count[((keys[i] >> shift) & 0xff) + 1];
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (size_t i = 0; i < n; ++i) {
+      const size_t dst = count[(keys[i] >> shift) & 0xff]++;
+      tmp_keys[dst] = keys[i];
+      if (with_vals) tmp_vals[dst] = vals[i];
+    }
+    keys.swap(tmp_keys);
+    if (with_vals) vals.swap(tmp_vals);
+  }
+}
+
+}  // namespace spconv
