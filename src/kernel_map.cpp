@@ -84,52 +84,78 @@ inline bool input_of(const ConvGeometry& g, bool transposed, const Coord& y, int
   return true;
 }
 
-// Output coordinate that input x reaches through tap r, or false when there is none.
-inline bool output_of(const ConvGeometry& g, bool transposed, const Coord& x, int64_t r, Coord* y) {
-  for (int d = 0; d < g.ndim; ++d) {
-    int64_t v;
-    if (transposed) {
-      v = x[d] * g.stride[d] - g.padding[d] + g.offsets[r][d] * g.dilation[d];
-    } else {
-      int64_t t = x[d] + g.padding[d] - g.offsets[r][d] * g.dilation[d];
-      if (t < 0 || t % g.stride[d] != 0) return false;
-      v = t / g.stride[d];
-    }
-    if (v < 0 || v >= g.out_shape[d]) return false;
-    (*y)[d] = v;
-  }
-  return true;
-}
-
 // Fills nbr[out_row, r] for outputs visited in increasing key order: out_keys[o] (sorted), out_rows[o].
+// Works in chunks of outputs; inside a chunk, tap by tap, so the inner loop is a tight merge.
 void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, const std::vector<int64_t>& out_keys,
                 const int32_t* out_rows, int32_t* nbr) {
+  constexpr int64_t kChunk = 512;
   const int64_t m = static_cast<int64_t>(out_keys.size()), kv = g.kernel_volume, n = in.keys.size();
   const int ndim = g.ndim;
-  at::parallel_for(0, m, 2048, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> ptr(kv, -1);  // per tap: position in the sorted input keys, -1 = not yet placed
-    for (int64_t o = begin; o < end; ++o) {
-      int64_t b;
-      Coord y, x;
-      decode_key(out_keys[o], g.out_shape, ndim, &b, &y);
-      int32_t* row = nbr + int64_t(out_rows ? out_rows[o] : o) * kv;
-      for (int64_t r = 0; r < kv; ++r) {
-        int32_t found = -1;
-        if (input_of(g, transposed, y, r, &x)) {
-          const int64_t target = linear_key(b, x, g.in_shape, ndim);
-          int64_t p = ptr[r];
-          if (p < 0) {
-            p = std::lower_bound(in.keys.begin(), in.keys.end(), target) - in.keys.begin();
-          } else {
-            // short linear walk, then binary search when the gap is large
-            int64_t steps = 0;
-            while (p < n && in.keys[p] < target && ++steps < 16) ++p;
-            if (p < n && in.keys[p] < target) p = std::lower_bound(in.keys.begin() + p, in.keys.end(), target) - in.keys.begin();
-          }
-          ptr[r] = p;
-          if (p < n && in.keys[p] == target) found = in.rows[p];
+  Coord in_stride{};  // key stride of each input dimension
+  int64_t in_volume = 1;
+  for (int d = ndim - 1; d >= 0; --d) {
+    in_stride[d] = in_volume;
+    in_volume *= g.in_shape[d];
+  }
+  std::vector<int64_t> tap_delta(kv, 0);  // key offset of tap r relative to the window origin
+  for (int64_t r = 0; r < kv; ++r)
+    for (int d = 0; d < ndim; ++d) tap_delta[r] += g.offsets[r][d] * g.dilation[d] * in_stride[d];
+  const int64_t* keys = in.keys.data();
+  const int32_t* rows = in.rows.data();
+  const int64_t n_chunks = (m + kChunk - 1) / kChunk;
+  at::parallel_for(0, n_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<int64_t> base(kChunk);  // key of the window origin (may lie outside the grid)
+    std::vector<Coord> origin(kChunk);  // window origin y * s - p per dimension
+    std::vector<Coord> outc(kChunk);
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t o0 = chunk * kChunk, cm = std::min(kChunk, m - o0);
+      for (int64_t t = 0; t < cm; ++t) {
+        int64_t b;
+        decode_key(out_keys[o0 + t], g.out_shape, ndim, &b, &outc[t]);
+        int64_t key = b * in_volume;
+        for (int d = 0; d < ndim; ++d) {
+          origin[t][d] = outc[t][d] * g.stride[d] - g.padding[d];
+          key += origin[t][d] * in_stride[d];
         }
-        row[r] = found;
+        base[t] = key;
+      }
+      for (int64_t r = 0; r < kv; ++r) {
+        Coord off;
+        for (int d = 0; d < ndim; ++d) off[d] = g.offsets[r][d] * g.dilation[d];
+        int64_t p = -1;
+        for (int64_t t = 0; t < cm; ++t) {
+          int32_t* cell = nbr + int64_t(out_rows ? out_rows[o0 + t] : o0 + t) * kv + r;
+          int64_t target;
+          if (transposed) {
+            Coord x;
+            if (!input_of(g, true, outc[t], r, &x)) {
+              *cell = -1;
+              continue;
+            }
+            int64_t b = out_keys[o0 + t];
+            for (int d = 0; d < ndim; ++d) b /= g.out_shape[d];
+            target = linear_key(b, x, g.in_shape, ndim);
+          } else {
+            bool inside = true;
+            for (int d = 0; d < ndim; ++d) {
+              const int64_t x = origin[t][d] + off[d];
+              inside &= (x >= 0) & (x < g.in_shape[d]);
+            }
+            if (!inside) {
+              *cell = -1;
+              continue;
+            }
+            target = base[t] + tap_delta[r];
+          }
+          if (p < 0) {
+            p = std::lower_bound(keys, keys + n, target) - keys;
+          } else {
+            int64_t steps = 0;
+            while (p < n && keys[p] < target && ++steps < 32) ++p;
+            if (p < n && keys[p] < target) p = std::lower_bound(keys + p, keys + n, target) - keys;
+          }
+          *cell = (p < n && keys[p] == target) ? rows[p] : -1;
+        }
       }
     }
   });
@@ -160,21 +186,53 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   const int ndim = static_cast<int>(in_shape.size());
   check_indices(indices, ndim);
   ConvGeometry g(ndim, in_shape, out_shape, ksize, stride, padding, dilation);
-  const int64_t n = indices.size(0), kv = g.kernel_volume;
+  const int64_t n = indices.size(0);
   const int32_t* idx = indices.data_ptr<int32_t>();
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
 
-  // every output key any input reaches, per thread, then one sort-unique
+  // every output key any input reaches (per dimension: the taps that land on an output), per thread,
+  // then one sort-unique
+  Coord out_stride{};
+  int64_t out_volume = 1;
+  for (int d = ndim - 1; d >= 0; --d) {
+    out_stride[d] = out_volume;
+    out_volume *= g.out_shape[d];
+  }
   const int threads = at::get_num_threads();
   std::vector<std::vector<int64_t>> found(threads);
   at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
     std::vector<int64_t>& out = found[at::get_thread_num()];
+    std::array<std::vector<int64_t>, kMaxDim> reach;  // per dimension: key contributions of reachable outputs
     for (int64_t i = begin; i < end; ++i) {
       int64_t b;
-      Coord x, y;
+      Coord x;
       read_coord(idx + i * (ndim + 1), ndim, &b, &x);
-      for (int64_t r = 0; r < kv; ++r) {
-        if (output_of(g, transposed, x, r, &y)) out.push_back(linear_key(b, y, g.out_shape, ndim));
+      bool any = true;
+      for (int d = 0; d < ndim && any; ++d) {
+        reach[d].clear();
+        for (int64_t rd = 0; rd < g.ksize[d]; ++rd) {
+          int64_t y;
+          if (transposed) {
+            y = x[d] * g.stride[d] - g.padding[d] + rd * g.dilation[d];
+          } else {
+            const int64_t t = x[d] + g.padding[d] - rd * g.dilation[d];
+            if (t < 0 || t % g.stride[d] != 0) continue;
+            y = t / g.stride[d];
+          }
+          if (y >= 0 && y < g.out_shape[d]) reach[d].push_back(y * out_stride[d]);
+        }
+        any = !reach[d].empty();
+      }
+      if (!any) continue;
+      // cartesian product of the per-dimension lists (odometer over ndim <= 4 digits)
+      std::array<size_t, kMaxDim> digit{};
+      while (true) {
+        int64_t key = b * out_volume;
+        for (int d = 0; d < ndim; ++d) key += reach[d][digit[d]];
+        out.push_back(key);
+        int d = ndim - 1;
+        while (d >= 0 && ++digit[d] == reach[d].size()) digit[d--] = 0;
+        if (d < 0) break;
       }
     }
   });
@@ -203,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
       for (int d = 0; d < ndim; ++d) oidx[j * (ndim + 1) + 1 + d] = static_cast<int32_t>(y[d]);
     }
   });
-  at::Tensor nbr = at::empty({m, kv}, indices.options());
+  at::Tensor nbr = at::empty({m, g.kernel_volume}, indices.options());
   merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());
   return {out_indices, nbr};
 }
