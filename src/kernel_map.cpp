@@ -84,6 +84,16 @@ inline bool input_of(const ConvGeometry& g, bool transposed, const Coord& y, int
   return true;
 }
 
+// Position of the first key >= target, searching forward from p (p < 0: not placed yet).
+inline int64_t seek(const int64_t* keys, int64_t n, int64_t p, int64_t target) {
+  if (p < 0) return std::lower_bound(keys, keys + n, target) - keys;
+  for (int steps = 0; steps < 32; ++steps) {
+    if (p >= n || keys[p] >= target) return p;
+    ++p;
+  }
+  return std::lower_bound(keys + p, keys + n, target) - keys;
+}
+
 // Fills nbr[out_row, r] for outputs visited in increasing key order: out_keys[o] (sorted), out_rows[o].
 // Works in chunks of outputs; inside a chunk, tap by tap, so the inner loop is a tight merge.
 void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, const std::vector<int64_t>& out_keys,
@@ -119,14 +129,11 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
         }
         base[t] = key;
       }
-      for (int64_t r = 0; r < kv; ++r) {
-        Coord off;
-        for (int d = 0; d < ndim; ++d) off[d] = g.offsets[r][d] * g.dilation[d];
-        int64_t p = -1;
-        for (int64_t t = 0; t < cm; ++t) {
-          int32_t* cell = nbr + int64_t(out_rows ? out_rows[o0 + t] : o0 + t) * kv + r;
-          int64_t target;
-          if (transposed) {
+      if (transposed) {
+        for (int64_t r = 0; r < kv; ++r) {
+          int64_t p = -1;
+          for (int64_t t = 0; t < cm; ++t) {
+            int32_t* cell = nbr + int64_t(out_rows ? out_rows[o0 + t] : o0 + t) * kv + r;
             Coord x;
             if (!input_of(g, true, outc[t], r, &x)) {
               *cell = -1;
@@ -134,27 +141,42 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
             }
             int64_t b = out_keys[o0 + t];
             for (int d = 0; d < ndim; ++d) b /= g.out_shape[d];
-            target = linear_key(b, x, g.in_shape, ndim);
-          } else {
-            bool inside = true;
-            for (int d = 0; d < ndim; ++d) {
-              const int64_t x = origin[t][d] + off[d];
-              inside &= (x >= 0) & (x < g.in_shape[d]);
-            }
-            if (!inside) {
-              *cell = -1;
+            const int64_t target = linear_key(b, x, g.in_shape, ndim);
+            p = seek(keys, n, p, target);
+            *cell = (p < n && keys[p] == target) ? rows[p] : -1;
+          }
+        }
+        continue;
+      }
+      // Taps come in rows along the last dimension: one seek per row, then a short walk along it.
+      const int last = ndim - 1;
+      const int64_t k_last = g.ksize[last], dil_last = g.dilation[last], in_last = g.in_shape[last];
+      for (int64_t row0 = 0; row0 < kv; row0 += k_last) {
+        int64_t p = -1;
+        for (int64_t t = 0; t < cm; ++t) {
+          int32_t* cells = nbr + int64_t(out_rows ? out_rows[o0 + t] : o0 + t) * kv + row0;
+          bool inside = true;
+          for (int d = 0; d < last; ++d) {
+            const int64_t x = origin[t][d] + g.offsets[row0][d] * g.dilation[d];
+            inside &= (x >= 0) & (x < g.in_shape[d]);
+          }
+          if (!inside) {
+            for (int64_t rl = 0; rl < k_last; ++rl) cells[rl] = -1;
+            continue;
+          }
+          const int64_t first = base[t] + tap_delta[row0];
+          p = seek(keys, n, p, first);
+          int64_t q = p;
+          for (int64_t rl = 0; rl < k_last; ++rl) {
+            const int64_t x = origin[t][last] + rl * dil_last;
+            if (x < 0 || x >= in_last) {
+              cells[rl] = -1;
               continue;
             }
-            target = base[t] + tap_delta[r];
+            const int64_t target = first + rl * dil_last;
+            while (q < n && keys[q] < target) ++q;
+            cells[rl] = (q < n && keys[q] == target) ? rows[q] : -1;
           }
-          if (p < 0) {
-            p = std::lower_bound(keys, keys + n, target) - keys;
-          } else {
-            int64_t steps = 0;
-            while (p < n && keys[p] < target && ++steps < 32) ++p;
-            if (p < n && keys[p] < target) p = std::lower_bound(keys + p, keys + n, target) - keys;
-          }
-          *cell = (p < n && keys[p] == target) ? rows[p] : -1;
         }
       }
     }
