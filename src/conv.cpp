@@ -19,7 +19,7 @@
 namespace spconv {
 namespace {
 
-constexpr int64_t kTileRows = 128;
+constexpr int64_t kTileRows = 256;
 
 template <typename acc_t>
 struct AccType {
