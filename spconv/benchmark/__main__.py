@@ -1,0 +1,3 @@
+from spconv.benchmark.cpu import main
+
+main()
