@@ -76,3 +76,24 @@ def test_keys_do_not_leak_into_the_input_tensor():
     x = spconv.SparseConvTensor(feats, idx, [8, 8, 8], 1)
     spconv.SubMConv3d(2, 2, 3, indice_key="k")(x)
     assert x.indice_dict == {}
+
+
+def test_huge_grid_int64_keys_match_small_grid():
+    """A grid whose volume x batch passes 2^31 (int64 keys) gives the same results as a small grid
+    holding the same sites shifted to the origin."""
+    feats, idx = random_sparse([10, 12, 9], 3, 0.1, 4, seed=11)
+    small_shape = [14, 16, 13]  # room above the sites, so no output is clipped at the top in either grid
+    big_shape = [60000, 70000, 5000]
+    shift = torch.tensor([0, 59980, 69980, 4980], dtype=torch.int32)  # even: same stride-2 alignment
+    big_idx = (idx + shift).contiguous()
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(spconv.SubMConv3d(4, 8, 3, indice_key="s"),
+                                  spconv.SparseConv3d(8, 8, 3, 2, 1, indice_key="d"),
+                                  spconv.SparseInverseConv3d(8, 4, 3, indice_key="d"))
+    small = net(spconv.SparseConvTensor(feats, idx, small_shape, 3))
+    big = net(spconv.SparseConvTensor(feats, big_idx, big_shape, 3))
+    assert torch.equal(big.indices, big_idx)
+    torch.testing.assert_close(big.features, small.features)
+    down_small = net[1](net[0](spconv.SparseConvTensor(feats, idx, small_shape, 3)))
+    down_big = net[1](net[0](spconv.SparseConvTensor(feats, big_idx, big_shape, 3)))
+    assert torch.equal(down_big.indices - shift // 2, down_small.indices)
