@@ -14,6 +14,7 @@
 
 #include <vector>
 
+#include "spconv/bf16_gemm.h"
 #include "spconv/tile_gemm.h"
 
 namespace spconv {
@@ -96,6 +97,75 @@ at::Tensor gather_conv_typed(const at::Tensor& src_in, const at::Tensor& table, 
   return dst;
 }
 
+#ifdef SPCONV_HAS_BF16_KERNEL
+// bf16 features and weights on a CPU with AVX512-BF16: the panels stay bf16 (pairs of input channels
+// per 32-bit lane), products accumulate in fp32 tiles. Same tiling and determinism as the generic path.
+at::Tensor gather_conv_bf16(const at::Tensor& src_in, const at::Tensor& table, const at::Tensor& weight,
+                            int64_t groups, bool transpose_weight) {
+  const at::Tensor src = src_in.contiguous();
+  const int64_t n_dst = table.size(0), kv = table.size(1);
+  const int64_t c_out = weight.size(0), c_in_g = weight.size(2), c_out_g = c_out / groups;
+  const int64_t cs_g = transpose_weight ? c_out_g : c_in_g;
+  const int64_t cd_g = transpose_weight ? c_in_g : c_out_g;
+  const int64_t cs = cs_g * groups, cd = cd_g * groups;
+  TORCH_CHECK_VALUE(src.size(1) == cs, "spconv: features have ", src.size(1), " channels, expected ", cs);
+  const int64_t kp = (cs_g + 1) / 2 * 2, np = (cd_g + 15) / 16 * 16;
+  // packed[r][g] = [kp / 2][np][2]: the [C_src_g, C_dst_g] matrix of tap r, group g, k-pairs interleaved
+  at::Tensor w = weight.view({groups, c_out_g, kv, c_in_g});
+  at::Tensor mat = (transpose_weight ? w.permute({2, 0, 1, 3}) : w.permute({2, 0, 3, 1}));  // [K, G, Cs_g, Cd_g]
+  at::Tensor padded = at::zeros({kv, groups, kp, np}, weight.options());
+  padded.narrow(2, 0, cs_g).narrow(3, 0, cd_g).copy_(mat);
+  at::Tensor packed = padded.view({kv, groups, kp / 2, 2, np}).transpose(3, 4).contiguous();
+
+  at::Tensor dst = at::empty({n_dst, cd}, src.options());
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
+  const int32_t* tp = table.data_ptr<int32_t>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>());
+  at::BFloat16* dp = dst.data_ptr<at::BFloat16>();
+  const int64_t n_tiles = (n_dst + kTileRows - 1) / kTileRows;
+  const int64_t ldp = groups * kp;  // panel row: each group's channels padded to an even count
+
+  at::parallel_for(0, n_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+    std::vector<float> acc(kTileRows * cd), part(kTileRows * cd);
+    std::vector<uint16_t> panel(kTileRows * ldp, 0);
+    std::vector<int32_t> rows(kTileRows);
+    for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+      const int64_t j0 = tile * kTileRows, tm = std::min(kTileRows, n_dst - j0);
+      std::fill(acc.begin(), acc.begin() + tm * cd, 0.f);
+      for (int64_t r = 0; r < kv; ++r) {
+        int64_t m = 0;
+        for (int64_t t = 0; t < tm; ++t) {
+          const int32_t s = tp[(j0 + t) * kv + r];
+          if (s < 0) continue;
+          const uint16_t* srow = sp + int64_t(s) * cs;
+          uint16_t* prow = panel.data() + m * ldp;
+          for (int64_t g = 0; g < groups; ++g)
+            std::copy(srow + g * cs_g, srow + (g + 1) * cs_g, prow + g * kp);
+          rows[m++] = static_cast<int32_t>(t);
+        }
+        if (m == 0) continue;
+        const bool dense = (m == tm);
+        float* target = dense ? acc.data() : part.data();
+        for (int64_t g = 0; g < groups; ++g) {
+          bf16_tile_gemm(m, cd_g, kp, panel.data() + g * kp, ldp, wp + (r * groups + g) * kp * np, np,
+                         target + g * cd_g, cd, dense);
+        }
+        if (!dense) {
+          for (int64_t i = 0; i < m; ++i) {
+            float* arow = acc.data() + int64_t(rows[i]) * cd;
+            const float* prow = part.data() + i * cd;
+            for (int64_t c = 0; c < cd; ++c) arow[c] += prow[c];
+          }
+        }
+      }
+      at::BFloat16* out = dp + j0 * cd;
+      for (int64_t e = 0; e < tm * cd; ++e) out[e] = static_cast<at::BFloat16>(acc[e]);
+    }
+  });
+  return dst;
+}
+#endif
+
 at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& table, const at::Tensor& weight, int64_t groups,
                        bool transpose_weight) {
   check_table(table, src);
@@ -104,6 +174,10 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& table, const at:
   TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, "spconv: C_out must be divisible by groups");
   TORCH_CHECK_VALUE(weight.scalar_type() == src.scalar_type(), "spconv: features are ", src.scalar_type(),
                     " but weight is ", weight.scalar_type(), "; cast one to the other's dtype");
+#ifdef SPCONV_HAS_BF16_KERNEL
+  if (src.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16())
+    return gather_conv_bf16(src, table, weight, groups, transpose_weight);
+#endif
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "spconv_gather_conv", [&] {
     out = gather_conv_typed<scalar_t>(src, table, weight, groups, transpose_weight);

@@ -52,3 +52,26 @@ def test_cpu_autocast_runs_bf16_and_trains():
     out.features.float().square().mean().backward()
     assert x.grad.dtype == torch.float32 and net[0].weight.grad.dtype == torch.float32
     assert torch.isfinite(net[0].weight.grad).all()
+
+
+@pytest.mark.parametrize("cin,cout,groups", [(3, 5, 1), (6, 9, 3), (17, 70, 1), (4, 128, 2)])
+@pytest.mark.parametrize("kind", ["subm", "conv", "convt"])
+def test_bf16_kernel_odd_channels_and_groups(cin, cout, groups, kind):
+    """bf16 features/weights vs the fp32 result on the same rounded values (forward and backward-input)."""
+    feats, idx = random_sparse([9, 10, 8], 2, 0.2, cin, seed=cin)
+    cls = {"subm": spconv.SubMConv3d, "conv": spconv.SparseConv3d, "convt": spconv.SparseConvTranspose3d}[kind]
+    args = (3,) if kind == "subm" else (3, 2, 1)
+    layer = cls(cin, cout, *args, groups=groups, bias=False)
+    low = cls(cin, cout, *args, groups=groups, bias=False).bfloat16()
+    with torch.no_grad():
+        layer.weight.copy_(low.weight.float())
+    x32 = feats.bfloat16().float().requires_grad_(True)
+    x16 = feats.bfloat16().requires_grad_(True)
+    ref = layer(spconv.SparseConvTensor(x32, idx, [9, 10, 8], 2)).features
+    out = low(spconv.SparseConvTensor(x16, idx, [9, 10, 8], 2)).features
+    scale = ref.abs().max()
+    assert ((out.float() - ref).abs().max() / scale) < 1e-2
+    g = torch.randn_like(ref).bfloat16()
+    ref.backward(g.float())
+    out.backward(g)
+    assert ((x16.grad.float() - x32.grad).abs().max() / x32.grad.abs().max()) < 2e-2
