@@ -204,6 +204,7 @@ at::Tensor gather_conv_weight_grad_typed(const at::Tensor& src_in, const at::Ten
   std::vector<acc_t> partial(workers * wsize, acc_t(0));
   at::parallel_for(0, workers, 1, [&](int64_t wb, int64_t we) {
     std::vector<acc_t> dpanel(c_out * kTileRows), spanel(kTileRows * c_in);
+    std::vector<int32_t> rows(kTileRows);
     for (int64_t w = wb; w < we; ++w) {
       acc_t* pw = partial.data() + w * wsize;
       const int64_t t0 = n_tiles * w / workers, t1 = n_tiles * (w + 1) / workers;
@@ -214,14 +215,22 @@ at::Tensor gather_conv_weight_grad_typed(const at::Tensor& src_in, const at::Ten
           for (int64_t t = 0; t < tm; ++t) {
             const int32_t s = tp[(j0 + t) * kv + r];
             if (s < 0) continue;
-            const scalar_t* drow = gp + (j0 + t) * c_out;
-            for (int64_t c = 0; c < c_out; ++c) dpanel[c * kTileRows + m] = static_cast<acc_t>(drow[c]);
             const scalar_t* srow = sp + int64_t(s) * c_in;
             acc_t* prow = spanel.data() + m * c_in;
             for (int64_t c = 0; c < c_in; ++c) prow[c] = static_cast<acc_t>(srow[c]);
-            ++m;
+            rows[m++] = static_cast<int32_t>(t);
           }
           if (m == 0) continue;
+          // dout rows, transposed into [C_out, m], 16 rows at a time so each write is a full line
+          for (int64_t i0 = 0; i0 < m; i0 += 16) {
+            const int64_t ib = std::min<int64_t>(16, m - i0);
+            const scalar_t* drows[16];
+            for (int64_t i = 0; i < ib; ++i) drows[i] = gp + (j0 + rows[i0 + i]) * c_out;
+            for (int64_t c = 0; c < c_out; ++c) {
+              acc_t* dcol = dpanel.data() + c * kTileRows + i0;
+              for (int64_t i = 0; i < ib; ++i) dcol[i] = static_cast<acc_t>(drows[i][c]);
+            }
+          }
           for (int64_t g = 0; g < groups; ++g) {
             tile_gemm(c_out_g, c_in_g, m, dpanel.data() + g * c_out_g * kTileRows, kTileRows,
                       spanel.data() + g * c_in_g, c_in, pw + (r * groups + g) * c_out_g * c_in_g, c_in_g, true);
