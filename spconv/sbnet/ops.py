@@ -1,0 +1,312 @@
+"""Block-sparse ops without autograd: argument checks, block geometry and the gather/scatter kernels.
+
+Everything here is vectorised PyTorch (advanced indexing, ``index_put_``, ``scatter_reduce_``) and
+deterministic. The kernels work on a channels-last view ``[N, H, W, C]`` of the dense tensor: a block
+pixel is then one contiguous run of C values, and blocks gathered from a channels-last (or NHWC)
+tensor come out as ``[M, bh, bw, C]`` rows that a conv reads as channels-last ``[M, C, bh, bw]``
+without a copy.
+
+Block ``m = (n, bh, bw)`` of a geometry ``(bsize, boffset, bstride)`` covers rows
+``boffset[0] + bh * bstride[0] + [0, bsize[0])`` and columns likewise, of image ``n``. Pixels outside
+the image read as zero (gather) and are dropped (scatter).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+IntPair = Union[int, Sequence[int], torch.Tensor]
+LAYOUTS = ("NCHW", "NHWC")
+
+
+class BlockGeometry(NamedTuple):
+    """Block size, offset of block (0, 0) and stride between blocks, each (h, w)."""
+    bsize: Tuple[int, int]
+    boffset: Tuple[int, int]
+    bstride: Tuple[int, int]
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+# ----------------------------------------------------------------------------------------------
+def to_pair(value: IntPair, name: str, minimum: Optional[int] = 1) -> Tuple[int, int]:
+    """An int or a pair of ints (list, tuple, 2-element tensor) -> (h, w); ValueError otherwise."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() not in (1, 2) or value.is_floating_point() or value.is_complex():
+            raise ValueError(f"{name} must be an int or a pair of ints (h, w), got a tensor of shape "
+                             f"{tuple(value.shape)} and dtype {value.dtype}")
+        value = value.reshape(-1).tolist()
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+    if isinstance(value, int):
+        pair = (value, value)
+    else:
+        try:
+            pair = tuple(value)
+        except TypeError:
+            raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}") from None
+        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
+            raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+    if minimum is not None and min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum} in both dims, got {pair}")
+    return (int(pair[0]), int(pair[1]))
+
+
+def make_geometry(bsize: IntPair, boffset: IntPair, bstride: IntPair) -> BlockGeometry:
+    return BlockGeometry(to_pair(bsize, "bsize"), to_pair(boffset, "boffset", minimum=None),
+                         to_pair(bstride, "bstride"))
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+    return layout
+
+
+def check_dense(x, name: str, layout: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name} must be 4-D ({layout}: "
+                         f"{'[N, C, H, W]' if layout == 'NCHW' else '[N, H, W, C]'}), got shape {tuple(x.shape)}")
+    if not (x.is_floating_point() or x.is_complex()):
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}; convert it with .float()")
+
+
+def check_block_fits(geom: BlockGeometry, H: int, W: int, what: str) -> None:
+    """A block may not be larger than the image plus the padding its (negative) offset implies."""
+    for d, (size, off, extent) in enumerate(zip(geom.bsize, geom.boffset, (H, W))):
+        limit = extent + 2 * max(0, -off)
+        if size > limit:
+            raise ValueError(
+                f"bsize {geom.bsize} is larger than the {what} ({H}, {W}) plus the padding implied by "
+                f"boffset {geom.boffset} (at most {limit} along {'HW'[d]}); use a smaller block size, e.g. "
+                f"from calc_block_params")
+
+
+def check_indices(indices, N: int, geom: BlockGeometry, H: int, W: int, name: str = "indices") -> torch.Tensor:
+    """Validates block indices [M, 3] (n, bh, bw) against a batch of N images of H x W -> int64 [M, 3].
+
+    Every block must overlap its image, indices must be unique; the input is never modified.
+    """
+    if not isinstance(indices, torch.Tensor):
+        raise ValueError(f"{name} must be an integer tensor [M, 3] of (n, bh, bw) rows as returned by "
+                         f"reduce_mask, got {type(indices).__name__}")
+    if indices.is_floating_point() or indices.is_complex() or indices.dtype == torch.bool:
+        raise ValueError(f"{name} must have an integer dtype (int16/int32/int64), got {indices.dtype}")
+    if indices.dim() != 2 or indices.shape[1] != 3:
+        raise ValueError(f"{name} must have shape [M, 3] (rows (n, bh, bw)), got {tuple(indices.shape)}")
+    idx = indices.long()
+    if idx.shape[0] == 0:
+        return idx
+    lo, hi = idx.amin(0).tolist(), idx.amax(0).tolist()
+    if lo[0] < 0 or hi[0] >= N:
+        raise ValueError(f"{name}: batch index out of range [0, {N}) (min {lo[0]}, max {hi[0]}); "
+                         f"indices must come from a mask with the same batch size as the input")
+    if lo[1] < 0 or lo[2] < 0:
+        raise ValueError(f"{name}: block indices must be >= 0, got min (bh, bw) = ({lo[1]}, {lo[2]})")
+    for d, (bmin, bmax, extent) in enumerate(((lo[1], hi[1], H), (lo[2], hi[2], W))):
+        start_max = geom.boffset[d] + bmax * geom.bstride[d]
+        end_min = geom.boffset[d] + bmin * geom.bstride[d] + geom.bsize[d]
+        if start_max >= extent or end_min <= 0:
+            axis = "bh" if d == 0 else "bw"
+            raise ValueError(
+                f"{name}: block {axis} range [{bmin}, {bmax}] lies (partly) outside the image: with "
+                f"bsize {geom.bsize}, boffset {geom.boffset}, bstride {geom.bstride} a block must overlap "
+                f"the {H}x{W} image; compute indices with reduce_mask on a mask of the same size and the "
+                f"same block parameters")
+    # reduce_mask returns row-major sorted indices; only unsorted input pays for torch.unique
+    key = (idx[:, 0] * (hi[1] + 1) + idx[:, 1]) * (hi[2] + 1) + idx[:, 2]
+    if idx.shape[0] > 1 and not bool((key[1:] > key[:-1]).all()):
+        if torch.unique(key).numel() != key.numel():
+            raise ValueError(f"{name} contains duplicate blocks; each (n, bh, bw) may appear once")
+    return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# reduce_mask
+# ----------------------------------------------------------------------------------------------
+def default_bcount(geom: BlockGeometry, H: int, W: int) -> Tuple[int, int]:
+    """Number of blocks whose start lies inside the image (covers it when bstride <= bsize)."""
+    return tuple(max(1, math.ceil((extent - off) / s)) if extent > off else 1
+                 for extent, off, s in zip((H, W), geom.boffset, geom.bstride))
+
+
+def reduce_mask(mask: torch.Tensor, bcount: Tuple[int, int], geom: BlockGeometry, tol: float,
+                avgpool: bool) -> torch.Tensor:
+    """mask [N, H, W] -> int64 [M, 3] active (n, bh, bw), row-major order.
+
+    Active: max over the block's in-image pixels > tol, or (avgpool) sum / (bsize_h * bsize_w) > tol.
+    """
+    N, H, W = mask.shape
+    m = mask.unsqueeze(1)
+    if not m.is_floating_point():
+        m = m.float()
+    # Crop / pad so that the grid of bcount blocks tiles the tensor exactly; padding never wins a max
+    # and adds zero to a sum.
+    need = [off + (cnt - 1) * s + size for off, cnt, s, size in zip(geom.boffset, bcount, geom.bstride, geom.bsize)]
+    pads = [max(0, -geom.boffset[1]), max(0, need[1] - W), max(0, -geom.boffset[0]), max(0, need[0] - H)]
+    fill = 0.0 if avgpool else float("-inf")
+    m = m[:, :, max(0, geom.boffset[0]):, max(0, geom.boffset[1]):]
+    if any(pads):
+        m = F.pad(m, pads, value=fill)
+    if avgpool:
+        pooled = F.avg_pool2d(m, geom.bsize, geom.bstride)
+    else:
+        pooled = F.max_pool2d(m, geom.bsize, geom.bstride)
+    pooled = pooled[:, 0, :bcount[0], :bcount[1]]
+    return torch.nonzero(pooled > tol)
+
+
+# ----------------------------------------------------------------------------------------------
+# block plans: per-block coordinates, which blocks cross the border, which ones overlap
+# ----------------------------------------------------------------------------------------------
+class BlockPlan:
+    """Coordinates of M blocks of one geometry on an N x H x W grid (all int64).
+
+    n3 [M, 1, 1], rows3 [M, bh, 1], cols3 [M, 1, bw]: broadcasting index tensors for an [N, H, W, C]
+    view. ``border`` holds the ids of blocks that cross the image border (empty when none does).
+    """
+
+    def __init__(self, idx: torch.Tensor, geom: BlockGeometry, N: int, H: int, W: int):
+        self.idx, self.geom, self.N, self.H, self.W = idx, geom, N, H, W
+        dev = idx.device
+        (sh, sw), (oh, ow), (th, tw) = geom.bsize, geom.boffset, geom.bstride
+        r0 = oh + idx[:, 1] * th
+        c0 = ow + idx[:, 2] * tw
+        self.rows = r0[:, None] + torch.arange(sh, device=dev)
+        self.cols = c0[:, None] + torch.arange(sw, device=dev)
+        self.n3 = idx[:, 0].view(-1, 1, 1)
+        self.rows3 = self.rows[:, :, None]
+        self.cols3 = self.cols[:, None, :]
+        inside = (r0 >= 0) & (r0 + sh <= H) & (c0 >= 0) & (c0 + sw <= W)
+        self.border = torch.nonzero(~inside).view(-1)
+        self.has_border = self.border.numel() > 0
+        self.overlapping = sh > th or sw > tw
+        self._invalid = None
+
+    @property
+    def M(self) -> int:
+        return self.idx.shape[0]
+
+    def valid_rc(self, ids: torch.Tensor):
+        """In-image masks of rows [k, bh] and cols [k, bw] of blocks ``ids``."""
+        r, c = self.rows[ids], self.cols[ids]
+        return (r >= 0) & (r < self.H), (c >= 0) & (c < self.W)
+
+    def invalid_positions(self):
+        """(m, i, j) of all block pixels outside the image."""
+        if self._invalid is None:
+            vr, vc = self.valid_rc(self.border)
+            k, i, j = torch.nonzero(~(vr[:, :, None] & vc[:, None, :]), as_tuple=True)
+            self._invalid = (self.border[k], i, j)
+        return self._invalid
+
+    def subset(self, ids: torch.Tensor) -> "BlockPlan":
+        return BlockPlan(self.idx[ids], self.geom, self.N, self.H, self.W)
+
+    def groups(self):
+        """Splits the blocks into groups whose members never overlap: block (bh, bw) goes to group
+        (bh mod gh, bw mod gw) with g = ceil(bsize / bstride). Yields (ids or None for all, plan)."""
+        (sh, sw), (th, tw) = self.geom.bsize, self.geom.bstride
+        gh, gw = -(-sh // th), -(-sw // tw)
+        if gh * gw == 1:
+            yield None, self
+            return
+        key = (self.idx[:, 1] % gh) * gw + self.idx[:, 2] % gw
+        for g in range(gh * gw):
+            ids = torch.nonzero(key == g).view(-1)
+            if ids.numel():
+                yield ids, self.subset(ids)
+
+    def flat_valid(self, ids: Optional[torch.Tensor] = None):
+        """For blocks ``ids`` (all if None): in-image pixels as 1-D (m, i, j, n, r, c)."""
+        if ids is None:
+            ids = torch.arange(self.M, device=self.idx.device)
+        vr, vc = self.valid_rc(ids)
+        k, i, j = torch.nonzero(vr[:, :, None] & vc[:, None, :], as_tuple=True)
+        m = ids[k]
+        return m, i, j, self.idx[m, 0], self.rows[m, i], self.cols[m, j]
+
+
+# ----------------------------------------------------------------------------------------------
+# gather / scatter kernels on [N, H, W, C] views
+# ----------------------------------------------------------------------------------------------
+def gather_nhwc(xv: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """xv [N, H, W, C] -> blocks [M, bh, bw, C] (contiguous); out-of-image pixels are zero."""
+    if not plan.has_border:
+        return xv[plan.n3, plan.rows3, plan.cols3]
+    out = xv[plan.n3, plan.rows3.clamp(0, plan.H - 1), plan.cols3.clamp(0, plan.W - 1)]
+    m, i, j = plan.invalid_positions()
+    out[m, i, j] = 0
+    return out
+
+
+def _write(yv: torch.Tensor, index, values, add: bool) -> None:
+    """yv[index] (+)= values, for an index whose targets are all distinct."""
+    if add:
+        values = yv[index] + values
+    yv.index_put_(index, values)
+
+
+def _scatter_disjoint_(yv: torch.Tensor, blocks: Optional[torch.Tensor], plan: BlockPlan, add: bool) -> None:
+    """Scatter of blocks that cover distinct pixels. blocks [M, bh, bw, C], or None to write zeros."""
+    if not plan.has_border:
+        index = (plan.n3, plan.rows3, plan.cols3)
+        _write(yv, index, blocks if blocks is not None else yv.new_zeros(()), add)
+        return
+    inner = torch.ones(plan.M, dtype=torch.bool, device=plan.idx.device)
+    inner[plan.border] = False
+    inner = torch.nonzero(inner).view(-1)
+    if inner.numel():
+        index = (plan.n3[inner], plan.rows3[inner], plan.cols3[inner])
+        _write(yv, index, blocks[inner] if blocks is not None else yv.new_zeros(()), add)
+    m, i, j, n, r, c = plan.flat_valid(plan.border)
+    _write(yv, (n, r, c), blocks[m, i, j] if blocks is not None else yv.new_zeros(()), add)
+
+
+def winner_map(plan: BlockPlan) -> torch.Tensor:
+    """int64 [N, H, W]: id of the last block (in index order) covering each pixel, -1 if none."""
+    stamp = torch.full((plan.N * plan.H * plan.W,), -1, dtype=torch.long, device=plan.idx.device)
+    if plan.M:
+        m, _, _, n, r, c = plan.flat_valid()
+        stamp.scatter_reduce_(0, (n * plan.H + r) * plan.W + c, m, "amax")
+    return stamp.view(plan.N, plan.H, plan.W)
+
+
+def scatter_nhwc_(yv: torch.Tensor, blocks: Optional[torch.Tensor], plan: BlockPlan, add: bool,
+                  winners: Optional[torch.Tensor] = None) -> None:
+    """In place: yv [N, H, W, C] gets blocks [M, bh, bw, C] written (add=False) or added (add=True).
+
+    Out-of-image block pixels are dropped. Overlapping blocks: with add, all contributions are summed
+    (group by group, deterministic); without add, the block that comes last in ``indices`` wins
+    (``winners`` = winner_map(plan), computed here if not given). blocks=None writes zeros.
+    """
+    if plan.M == 0:
+        return
+    if not plan.overlapping:
+        _scatter_disjoint_(yv, blocks, plan, add)
+    elif add:
+        for ids, sub in plan.groups():
+            _scatter_disjoint_(yv, blocks if ids is None or blocks is None else blocks[ids], sub, add)
+    else:
+        if winners is None:
+            winners = winner_map(plan)
+        m, i, j, n, r, c = plan.flat_valid()
+        keep = winners[n, r, c] == m
+        m, i, j, n, r, c = (t[keep] for t in (m, i, j, n, r, c))
+        _write(yv, (n, r, c), blocks[m, i, j] if blocks is not None else yv.new_zeros(()), False)
+
+
+def winner_mask(plan: BlockPlan, winners: torch.Tensor) -> torch.Tensor:
+    """bool [M, bh, bw, 1]: block pixels that won the write (inside the image and last writer)."""
+    n = plan.n3.expand(-1, plan.geom.bsize[0], plan.geom.bsize[1])
+    r = plan.rows3.clamp(0, plan.H - 1).expand_as(n)
+    c = plan.cols3.clamp(0, plan.W - 1).expand_as(n)
+    ids = torch.arange(plan.M, device=n.device).view(-1, 1, 1)
+    vr = (plan.rows3 >= 0) & (plan.rows3 < plan.H)
+    vc = (plan.cols3 >= 0) & (plan.cols3 < plan.W)
+    return ((winners[n, r, c] == ids) & vr & vc).unsqueeze(-1)
