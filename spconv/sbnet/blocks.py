@@ -86,13 +86,14 @@ def calc_block_params(in_size: Sequence[int], bsize: IntPair, ksize: KSize, stri
                 raise ValueError(f"in_size {in_size} is smaller than the receptive field {k} (VALID padding)")
             out = (H - kk) // ss + 1
             pad_total = 0
-        if b > H + pad_total:
-            raise ValueError(f"bsize {bsize} is larger than the padded input ({H} + {pad_total} along "
-                             f"{'HW'[d]}); use a block size of at most {H + pad_total}")
+        pad_top = pad_total // 2
+        if b > H + 2 * pad_top:  # the ops' limit: the image plus -boffset of zero padding on each side
+            raise ValueError(f"bsize {bsize} is larger than the padded input ({H} + 2 * {pad_top} along "
+                             f"{'HW'[d]}); use a block size of at most {H + 2 * pad_top}")
         bo = (b - kk) // ss + 1
         bsize_out.append(bo)
         bstride.append(bo * ss)
-        boffset.append(-(pad_total // 2))
+        boffset.append(-pad_top)
         bcount.append(-(-out // bo))
     return BlockParams(bsize, tuple(bsize_out), tuple(boffset), tuple(bcount), tuple(bstride))
 

@@ -77,7 +77,7 @@ def check_dense(x, name: str, layout: str) -> None:
 
 
 def check_block_fits(geom: BlockGeometry, H: int, W: int, what: str) -> None:
-    """A block may not be larger than the image plus the padding its (negative) offset implies."""
+    """A block may not be larger than the image plus -boffset of zero padding on each side."""
     for d, (size, off, extent) in enumerate(zip(geom.bsize, geom.boffset, (H, W))):
         limit = extent + 2 * max(0, -off)
         if size > limit:
