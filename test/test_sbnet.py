@@ -458,3 +458,14 @@ def test_inputs_are_not_modified():
     y = sb.sparse_scatter(b * 2, idx, x, bsize, boffset, bstride, add=False)
     y.sum().backward()
     assert torch.equal(mask, mask_copy) and torch.equal(idx, idx_copy) and torch.equal(x.detach(), x_copy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reduced_precision_dtypes(dtype):
+    bsize, boffset, bstride = GEOMS["overlap_border"]
+    idx = some_blocks(GEOMS["overlap_border"])
+    x = torch.randn(N, C, H, W).to(dtype)
+    blocks = sb.sparse_gather(x, idx, bsize, boffset, bstride)
+    assert blocks.dtype == dtype and torch.equal(blocks, ref_gather(x, idx, bsize, boffset, bstride))
+    y = sb.sparse_scatter(blocks, idx, torch.zeros_like(x), bsize, boffset, bstride, add=False)
+    assert torch.equal(y, ref_scatter(blocks, idx, torch.zeros_like(x), bsize, boffset, bstride, False))
