@@ -15,6 +15,7 @@ GEOMS = {
     "gaps": ((3, 2), (1, 0), (4, 5)),
     "heavy_overlap": ((6, 7), (-2, -3), (2, 5)),
     "whole": ((13, 11), (0, 0), (13, 11)),
+    "stride1": ((5, 4), (-2, -1), (1, 1)),  # 20 overlap groups: the pixel-wise index_add_ path
 }
 N, C, H, W = 2, 3, 13, 11
 

@@ -208,6 +208,10 @@ class BlockPlan:
     def subset(self, ids: torch.Tensor) -> "BlockPlan":
         return BlockPlan(self.idx[ids], self.geom, self.N, self.H, self.W)
 
+    def num_groups(self) -> int:
+        (sh, sw), (th, tw) = self.geom.bsize, self.geom.bstride
+        return -(-sh // th) * -(-sw // tw)
+
     def groups(self):
         """Splits the blocks into groups whose members never overlap: block (bh, bw) goes to group
         (bh mod gh, bw mod gw) with g = ceil(bsize / bstride). Yields (ids or None for all, plan)."""
@@ -268,6 +272,22 @@ def _scatter_disjoint_(yv: torch.Tensor, blocks: Optional[torch.Tensor], plan: B
     _write(yv, (n, r, c), blocks[m, i, j] if blocks is not None else yv.new_zeros(()), add)
 
 
+MAX_GROUPS = 16  # above this many non-overlapping groups, scatter-add pixel by pixel with index_add_
+
+
+def _scatter_add_flat_(yv: torch.Tensor, blocks: torch.Tensor, plan: BlockPlan) -> None:
+    """yv += scatter of blocks through index_add_ over the flattened [N*H*W, C] pixels (sequential
+    over pixels, hence deterministic); for heavily overlapping blocks (e.g. stride 1)."""
+    m, i, j, n, r, c = plan.flat_valid()
+    flat = (n * plan.H + r) * plan.W + c
+    C = yv.shape[-1]
+    if yv.is_contiguous():
+        yv.view(-1, C).index_add_(0, flat, blocks[m, i, j])
+    else:
+        acc = yv.new_zeros(plan.N * plan.H * plan.W, C).index_add_(0, flat, blocks[m, i, j])
+        yv.add_(acc.view(yv.shape))
+
+
 def winner_map(plan: BlockPlan) -> torch.Tensor:
     """int64 [N, H, W]: id of the last block (in index order) covering each pixel, -1 if none."""
     stamp = torch.full((plan.N * plan.H * plan.W,), -1, dtype=torch.long, device=plan.idx.device)
@@ -289,9 +309,13 @@ def scatter_nhwc_(yv: torch.Tensor, blocks: Optional[torch.Tensor], plan: BlockP
         return
     if not plan.overlapping:
         _scatter_disjoint_(yv, blocks, plan, add)
+    elif add and blocks is None:
+        return  # adding zeros
+    elif add and plan.num_groups() > MAX_GROUPS:
+        _scatter_add_flat_(yv, blocks, plan)
     elif add:
         for ids, sub in plan.groups():
-            _scatter_disjoint_(yv, blocks if ids is None or blocks is None else blocks[ids], sub, add)
+            _scatter_disjoint_(yv, blocks if ids is None else blocks[ids], sub, add)
     else:
         if winners is None:
             winners = winner_map(plan)
