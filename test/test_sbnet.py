@@ -470,3 +470,16 @@ def test_reduced_precision_dtypes(dtype):
     assert blocks.dtype == dtype and torch.equal(blocks, ref_gather(x, idx, bsize, boffset, bstride))
     y = sb.sparse_scatter(blocks, idx, torch.zeros_like(x), bsize, boffset, bstride, add=False)
     assert torch.equal(y, ref_scatter(blocks, idx, torch.zeros_like(x), bsize, boffset, bstride, False))
+
+
+def test_plan_cache_rechecks_modified_indices():
+    x = torch.randn(1, C, 8, 8)
+    ind = torch.tensor([[0, 0, 0], [0, 1, 1]], dtype=torch.int32)
+    a = sb.sparse_gather(x, ind, 4, 0, 4)
+    b = sb.sparse_gather(x, ind, 4, 0, 4)  # cached plan
+    assert torch.equal(a, b)
+    ind[1, 1] = 0
+    assert torch.equal(sb.sparse_gather(x, ind, 4, 0, 4)[1], x[0, :, 0:4, 4:8])
+    ind[1, 1] = 5
+    with pytest.raises(ValueError, match="outside the image"):
+        sb.sparse_gather(x, ind, 4, 0, 4)

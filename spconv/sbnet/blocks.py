@@ -177,19 +177,20 @@ class SparseBlockResNet(nn.Module):
         if isinstance(indices, torch.Tensor) and indices.dim() == 2 and indices.shape[0] == 0:
             return x if self.inplace else x.clone()  # empty mask: no active block, y = x
         blocks = sbf.sparse_gather(x, indices, p.bsize, p.boffset, p.bstride)
-        valid = _valid_mask(indices, p, x.shape[-2:], blocks) if self.kernel_size > 1 else None
+        valid = None
+        if self.kernel_size > 1:
+            plan = sbf.block_plan(indices, ops.make_geometry(p.bsize, p.boffset, p.bstride), x.shape[0],
+                                  x.shape[2], x.shape[3])  # cached by sparse_gather
+            valid = _valid_mask(plan, blocks)
         out = self.residual(blocks, valid)
         scatter = sbf.sparse_scatter_ if self.inplace else sbf.sparse_scatter
         return scatter(out, indices, x, p.bsize_out, 0, p.bsize_out, add=True)
 
 
-def _valid_mask(indices: torch.Tensor, p: BlockParams, hw, like: torch.Tensor) -> Optional[torch.Tensor]:
+def _valid_mask(plan: ops.BlockPlan, like: torch.Tensor) -> Optional[torch.Tensor]:
     """[M, 1, bh, bw] 0/1 mask of in-image block pixels, or None when no block crosses the border."""
-    idx = indices.long()
-    rows = p.boffset[0] + idx[:, 1:2] * p.bstride[0] + torch.arange(p.bsize[0], device=idx.device)
-    cols = p.boffset[1] + idx[:, 2:3] * p.bstride[1] + torch.arange(p.bsize[1], device=idx.device)
-    vr = (rows >= 0) & (rows < hw[0])
-    vc = (cols >= 0) & (cols < hw[1])
-    if bool(vr.all()) and bool(vc.all()):
+    if not plan.has_border:
         return None
+    vr = (plan.rows >= 0) & (plan.rows < plan.H)
+    vc = (plan.cols >= 0) & (plan.cols < plan.W)
     return (vr[:, None, :, None] & vc[:, None, None, :]).to(like.dtype)

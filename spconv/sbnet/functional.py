@@ -8,6 +8,8 @@ takes (scatter) blocks in the *other* layout, so SBNet's NHWC-input / NCHW-block
 """
 from __future__ import annotations
 
+import weakref
+from collections import OrderedDict
 from typing import NamedTuple, Optional
 
 import torch
@@ -39,6 +41,31 @@ def _hw(t: torch.Tensor, layout: str):
 
 def _channels(t: torch.Tensor, layout: str) -> int:
     return t.shape[1] if layout == "NCHW" else t.shape[3]
+
+
+# ----------------------------------------------------------------------------------------------
+# validated block plans, cached per indices tensor
+# ----------------------------------------------------------------------------------------------
+_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLAN_CACHE_SIZE = 16
+
+
+def block_plan(indices: torch.Tensor, geom: ops.BlockGeometry, N: int, H: int, W: int) -> BlockPlan:
+    """Checks ``indices`` against the geometry and image size and returns their BlockPlan.
+
+    The layers of a network usually share one set of indices; the plan (checks included) is cached
+    for the same, unmodified indices tensor (keyed by identity and version) and the same geometry.
+    """
+    key = (id(indices), geom, N, H, W)
+    hit = _PLANS.get(key)
+    if hit is not None and hit[0]() is indices and hit[1] == indices._version:
+        _PLANS.move_to_end(key)
+        return hit[2]
+    plan = BlockPlan(ops.check_indices(indices, N, geom, H, W), geom, N, H, W)
+    _PLANS[key] = (weakref.ref(indices), indices._version, plan)
+    while len(_PLANS) > _PLAN_CACHE_SIZE:
+        _PLANS.popitem(last=False)
+    return plan
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +209,7 @@ def sparse_gather(x: torch.Tensor, indices: torch.Tensor, bsize: IntPair, boffse
     nchw = layout == "NCHW"
     H, W = _hw(x, layout)
     ops.check_block_fits(geom, H, W, "input")
-    idx = ops.check_indices(indices, x.shape[0], geom, H, W)
-    plan = BlockPlan(idx, geom, x.shape[0], H, W)
+    plan = block_plan(indices, geom, x.shape[0], H, W)
     blocks = SparseGatherFunction.apply(_nhwc(x, nchw), plan)
     return _from_nhwc(blocks, nchw != bool(transpose))
 
@@ -200,7 +226,8 @@ def _scatter(blocks, indices, ybase, bsize, boffset, bstride, add, transpose, la
     H, W = _hw(ybase, layout)
     C = _channels(ybase, layout)
     ops.check_block_fits(geom, H, W, "output ybase")
-    idx = ops.check_indices(indices, ybase.shape[0], geom, H, W)
+    plan = block_plan(indices, geom, ybase.shape[0], H, W)
+    idx = plan.idx
     blocks_nchw = nchw != bool(transpose)
     want = (idx.shape[0], C, *geom.bsize) if blocks_nchw else (idx.shape[0], *geom.bsize, C)
     if tuple(blocks.shape) != want:
@@ -211,7 +238,6 @@ def _scatter(blocks, indices, ybase, bsize, boffset, bstride, add, transpose, la
     if blocks.dtype != ybase.dtype or blocks.device != ybase.device:
         raise ValueError(f"blocks ({blocks.dtype}, {blocks.device}) and ybase ({ybase.dtype}, {ybase.device}) "
                          f"must have the same dtype and device; convert with blocks.to(ybase)")
-    plan = BlockPlan(idx, geom, ybase.shape[0], H, W)
     y = SparseScatterFunction.apply(_nhwc(ybase, nchw), _nhwc(blocks, blocks_nchw), plan, bool(add), inplace)
     return ybase if inplace else _from_nhwc(y, nchw)  # in place: ybase's autograd history now includes y
 

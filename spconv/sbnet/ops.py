@@ -186,24 +186,50 @@ class BlockPlan:
         self.border = torch.nonzero(~inside).view(-1)
         self.has_border = self.border.numel() > 0
         self.overlapping = sh > th or sw > tw
-        self._invalid = None
+        self._cache = {}
 
     @property
     def M(self) -> int:
         return self.idx.shape[0]
+
+    def _cached(self, key, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
 
     def valid_rc(self, ids: torch.Tensor):
         """In-image masks of rows [k, bh] and cols [k, bw] of blocks ``ids``."""
         r, c = self.rows[ids], self.cols[ids]
         return (r >= 0) & (r < self.H), (c >= 0) & (c < self.W)
 
+    def clamped(self):
+        """(n3, rows3, cols3) with coordinates clamped into the image."""
+        if not self.has_border:
+            return self.n3, self.rows3, self.cols3
+        return self.n3, self.rows3.clamp(0, self.H - 1), self.cols3.clamp(0, self.W - 1)
+
+    def pixel_index(self) -> torch.Tensor:
+        """int64 [M * bh * bw]: row of each block pixel in the [N * H * W, C] pixel matrix (clamped)."""
+        def make():
+            n3, r3, c3 = self.clamped()
+            return ((n3 * self.H + r3) * self.W + c3).reshape(-1)
+        return self._cached("pixel_index", make)
+
     def invalid_positions(self):
         """(m, i, j) of all block pixels outside the image."""
-        if self._invalid is None:
+        def make():
             vr, vc = self.valid_rc(self.border)
             k, i, j = torch.nonzero(~(vr[:, :, None] & vc[:, None, :]), as_tuple=True)
-            self._invalid = (self.border[k], i, j)
-        return self._invalid
+            return self.border[k], i, j
+        return self._cached("invalid", make)
+
+    def valid_positions(self) -> torch.Tensor:
+        """int64 [P']: flat positions (m * bh * bw + i * bw + j) of the in-image block pixels."""
+        def make():
+            vr = (self.rows >= 0) & (self.rows < self.H)
+            vc = (self.cols >= 0) & (self.cols < self.W)
+            return torch.nonzero((vr[:, :, None] & vc[:, None, :]).view(-1)).view(-1)
+        return self._cached("valid", make)
 
     def subset(self, ids: torch.Tensor) -> "BlockPlan":
         return BlockPlan(self.idx[ids], self.geom, self.N, self.H, self.W)
@@ -236,16 +262,47 @@ class BlockPlan:
         return m, i, j, self.idx[m, 0], self.rows[m, i], self.cols[m, j]
 
 
+def winner_map(plan: BlockPlan) -> torch.Tensor:
+    """int64 [N, H, W]: id of the last block (in index order) covering each pixel, -1 if none."""
+    stamp = torch.full((plan.N * plan.H * plan.W,), -1, dtype=torch.long, device=plan.idx.device)
+    if plan.M:
+        m, _, _, n, r, c = plan.flat_valid()
+        stamp.scatter_reduce_(0, (n * plan.H + r) * plan.W + c, m, "amax")
+    return stamp.view(plan.N, plan.H, plan.W)
+
+
+def winner_mask(plan: BlockPlan, winners: torch.Tensor) -> torch.Tensor:
+    """bool [M, bh, bw, 1]: block pixels that won the write (inside the image and last writer)."""
+    n, r, c = plan.clamped()
+    ids = torch.arange(plan.M, device=n.device).view(-1, 1, 1)
+    vr = (plan.rows3 >= 0) & (plan.rows3 < plan.H)
+    vc = (plan.cols3 >= 0) & (plan.cols3 < plan.W)
+    return ((winners[n, r, c] == ids) & vr & vc).unsqueeze(-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # gather / scatter kernels on [N, H, W, C] views
+#
+# Fast path (the dense tensor is NHWC-contiguous, e.g. a channels-last NCHW tensor): the dense tensor
+# is a [N*H*W, C] pixel matrix and blocks are [M*bh*bw, C]; gather is index_select, scatter-add is
+# index_add_ (sequential over pixels on the CPU: deterministic, overlaps summed in index order),
+# overwrite is index_copy_ on distinct pixels. Otherwise: advanced indexing on the 4-D view.
 # ----------------------------------------------------------------------------------------------
+def _pixel_matrix(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """[N*H*W, C] view of an NHWC-contiguous [N, H, W, C] tensor, else None."""
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else None
+
+
 def gather_nhwc(xv: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """xv [N, H, W, C] -> blocks [M, bh, bw, C] (contiguous); out-of-image pixels are zero."""
-    if not plan.has_border:
-        return xv[plan.n3, plan.rows3, plan.cols3]
-    out = xv[plan.n3, plan.rows3.clamp(0, plan.H - 1), plan.cols3.clamp(0, plan.W - 1)]
-    m, i, j = plan.invalid_positions()
-    out[m, i, j] = 0
+    pix = _pixel_matrix(xv)
+    if pix is not None:
+        out = pix.index_select(0, plan.pixel_index()).view(plan.M, *plan.geom.bsize, xv.shape[-1])
+    else:
+        out = xv[plan.clamped()]
+    if plan.has_border:
+        m, i, j = plan.invalid_positions()
+        out[m, i, j] = 0
     return out
 
 
@@ -257,44 +314,36 @@ def _write(yv: torch.Tensor, index, values, add: bool) -> None:
 
 
 def _scatter_disjoint_(yv: torch.Tensor, blocks: Optional[torch.Tensor], plan: BlockPlan, add: bool) -> None:
-    """Scatter of blocks that cover distinct pixels. blocks [M, bh, bw, C], or None to write zeros."""
+    """Advanced-indexing scatter of blocks that cover distinct pixels; blocks=None writes zeros."""
+    zero = yv.new_zeros(())
     if not plan.has_border:
-        index = (plan.n3, plan.rows3, plan.cols3)
-        _write(yv, index, blocks if blocks is not None else yv.new_zeros(()), add)
+        _write(yv, (plan.n3, plan.rows3, plan.cols3), blocks if blocks is not None else zero, add)
         return
     inner = torch.ones(plan.M, dtype=torch.bool, device=plan.idx.device)
     inner[plan.border] = False
     inner = torch.nonzero(inner).view(-1)
     if inner.numel():
         index = (plan.n3[inner], plan.rows3[inner], plan.cols3[inner])
-        _write(yv, index, blocks[inner] if blocks is not None else yv.new_zeros(()), add)
+        _write(yv, index, blocks[inner] if blocks is not None else zero, add)
     m, i, j, n, r, c = plan.flat_valid(plan.border)
-    _write(yv, (n, r, c), blocks[m, i, j] if blocks is not None else yv.new_zeros(()), add)
+    _write(yv, (n, r, c), blocks[m, i, j] if blocks is not None else zero, add)
 
 
-MAX_GROUPS = 16  # above this many non-overlapping groups, scatter-add pixel by pixel with index_add_
-
-
-def _scatter_add_flat_(yv: torch.Tensor, blocks: torch.Tensor, plan: BlockPlan) -> None:
-    """yv += scatter of blocks through index_add_ over the flattened [N*H*W, C] pixels (sequential
-    over pixels, hence deterministic); for heavily overlapping blocks (e.g. stride 1)."""
-    m, i, j, n, r, c = plan.flat_valid()
-    flat = (n * plan.H + r) * plan.W + c
-    C = yv.shape[-1]
-    if yv.is_contiguous():
-        yv.view(-1, C).index_add_(0, flat, blocks[m, i, j])
+def _scatter_rows_(pix: torch.Tensor, blocks: Optional[torch.Tensor], plan: BlockPlan, add: bool,
+                   keep: Optional[torch.Tensor]) -> None:
+    """Fast-path scatter into the pixel matrix pix [N*H*W, C]; ``keep``: block-pixel positions to
+    write (in-image, and winners for overlapping overwrites), None for all."""
+    target = plan.pixel_index()
+    src = blocks.reshape(-1, pix.shape[1]) if blocks is not None else None
+    if keep is not None:
+        target = target[keep]
+        src = src.index_select(0, keep) if src is not None else None
+    if src is None:
+        pix.index_fill_(0, target, 0)
+    elif add:
+        pix.index_add_(0, target, src)
     else:
-        acc = yv.new_zeros(plan.N * plan.H * plan.W, C).index_add_(0, flat, blocks[m, i, j])
-        yv.add_(acc.view(yv.shape))
-
-
-def winner_map(plan: BlockPlan) -> torch.Tensor:
-    """int64 [N, H, W]: id of the last block (in index order) covering each pixel, -1 if none."""
-    stamp = torch.full((plan.N * plan.H * plan.W,), -1, dtype=torch.long, device=plan.idx.device)
-    if plan.M:
-        m, _, _, n, r, c = plan.flat_valid()
-        stamp.scatter_reduce_(0, (n * plan.H + r) * plan.W + c, m, "amax")
-    return stamp.view(plan.N, plan.H, plan.W)
+        pix.index_copy_(0, target, src)
 
 
 def scatter_nhwc_(yv: torch.Tensor, blocks: Optional[torch.Tensor], plan: BlockPlan, add: bool,
@@ -302,35 +351,35 @@ def scatter_nhwc_(yv: torch.Tensor, blocks: Optional[torch.Tensor], plan: BlockP
     """In place: yv [N, H, W, C] gets blocks [M, bh, bw, C] written (add=False) or added (add=True).
 
     Out-of-image block pixels are dropped. Overlapping blocks: with add, all contributions are summed
-    (group by group, deterministic); without add, the block that comes last in ``indices`` wins
-    (``winners`` = winner_map(plan), computed here if not given). blocks=None writes zeros.
+    (deterministically); without add, the block that comes last in ``indices`` wins (``winners`` =
+    winner_map(plan), computed here if not given). blocks=None writes zeros.
     """
-    if plan.M == 0:
+    if plan.M == 0 or (add and blocks is None):
         return
-    if not plan.overlapping:
+    overwrite_overlap = not add and plan.overlapping
+    if overwrite_overlap and winners is None:
+        winners = winner_map(plan)
+    pix = _pixel_matrix(yv)
+    if pix is not None:
+        keep = plan.valid_positions() if plan.has_border else None
+        if overwrite_overlap:
+            won = winner_mask(plan, winners).view(-1)
+            keep = torch.nonzero(won).view(-1)  # winners are in-image by construction
+        _scatter_rows_(pix, blocks, plan, add, keep)
+    elif not plan.overlapping:
         _scatter_disjoint_(yv, blocks, plan, add)
-    elif add and blocks is None:
-        return  # adding zeros
-    elif add and plan.num_groups() > MAX_GROUPS:
-        _scatter_add_flat_(yv, blocks, plan)
-    elif add:
-        for ids, sub in plan.groups():
+    elif add and plan.num_groups() <= MAX_GROUPS:
+        for ids, sub in plan.groups():  # members of a group never overlap
             _scatter_disjoint_(yv, blocks if ids is None else blocks[ids], sub, add)
+    elif add:
+        acc = yv.new_zeros(plan.N * plan.H * plan.W, yv.shape[-1])
+        _scatter_rows_(acc, blocks, plan, True, plan.valid_positions() if plan.has_border else None)
+        yv.add_(acc.view(yv.shape))
     else:
-        if winners is None:
-            winners = winner_map(plan)
         m, i, j, n, r, c = plan.flat_valid()
         keep = winners[n, r, c] == m
         m, i, j, n, r, c = (t[keep] for t in (m, i, j, n, r, c))
         _write(yv, (n, r, c), blocks[m, i, j] if blocks is not None else yv.new_zeros(()), False)
 
 
-def winner_mask(plan: BlockPlan, winners: torch.Tensor) -> torch.Tensor:
-    """bool [M, bh, bw, 1]: block pixels that won the write (inside the image and last writer)."""
-    n = plan.n3.expand(-1, plan.geom.bsize[0], plan.geom.bsize[1])
-    r = plan.rows3.clamp(0, plan.H - 1).expand_as(n)
-    c = plan.cols3.clamp(0, plan.W - 1).expand_as(n)
-    ids = torch.arange(plan.M, device=n.device).view(-1, 1, 1)
-    vr = (plan.rows3 >= 0) & (plan.rows3 < plan.H)
-    vc = (plan.cols3 >= 0) & (plan.cols3 < plan.W)
-    return ((winners[n, r, c] == ids) & vr & vc).unsqueeze(-1)
+MAX_GROUPS = 16  # strided fallback: above this many overlap groups, accumulate in a dense buffer
