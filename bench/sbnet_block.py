@@ -119,7 +119,7 @@ def main():
                 mod = sb.SparseBlockResNet(c, c // 4, 3, bsize, inplace=True).eval()
                 with torch.no_grad():
                     tried[bsize] = median_ms(lambda: mod(x, mod.reduce_mask(mask, tol=0.5).indices),
-                                             max(3, a.reps // 3), a.warmup, before=restore)
+                                             max(5, a.reps // 2), a.warmup, before=restore)
             bsize = min(tried, key=tried.get)
             mod = sb.SparseBlockResNet(c, c // 4, 3, bsize, inplace=True).eval()
             oop = sb.SparseBlockResNet(c, c // 4, 3, bsize, inplace=False).eval()

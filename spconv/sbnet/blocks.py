@@ -131,6 +131,7 @@ class SparseBlockResNet(nn.Module):
         if min(self.block_size) < kernel_size:
             raise ValueError(f"block_size {self.block_size} must be >= kernel_size {kernel_size}")
         self.inplace = inplace
+        self._params = {}  # (H, W) -> BlockParams
         self.bn1 = nn.BatchNorm2d(channels)
         self.conv1 = nn.Conv2d(channels, mid_channels, 1, bias=bias)
         self.bn2 = nn.BatchNorm2d(mid_channels)
@@ -144,7 +145,11 @@ class SparseBlockResNet(nn.Module):
 
     def block_params(self, in_size: Sequence[int]) -> BlockParams:
         """calc_block_params for an (H, W) input and this block's receptive field."""
-        return calc_block_params(tuple(in_size), self.block_size, self.kernel_size, 1, "SAME")
+        key = tuple(in_size)
+        params = self._params.get(key)
+        if params is None:
+            params = self._params[key] = calc_block_params(key, self.block_size, self.kernel_size, 1, "SAME")
+        return params
 
     def reduce_mask(self, mask: torch.Tensor, tol: float = 0.0, avgpool: bool = False) -> sbf.ReduceMaskResult:
         """Active output tiles of a mask [N, H, W] or [N, 1, H, W] (a tile is active when the mask is

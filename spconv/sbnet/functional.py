@@ -46,25 +46,31 @@ def _channels(t: torch.Tensor, layout: str) -> int:
 # ----------------------------------------------------------------------------------------------
 # validated block plans, cached per indices tensor
 # ----------------------------------------------------------------------------------------------
-_PLANS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_PLAN_CACHE_SIZE = 16
+_CACHE: "OrderedDict[int, tuple]" = OrderedDict()  # id(indices) -> (weakref, version, IndexInfo, plans)
+_CACHE_SIZE = 16
 
 
 def block_plan(indices: torch.Tensor, geom: ops.BlockGeometry, N: int, H: int, W: int) -> BlockPlan:
     """Checks ``indices`` against the geometry and image size and returns their BlockPlan.
 
-    The layers of a network usually share one set of indices; the plan (checks included) is cached
-    for the same, unmodified indices tensor (keyed by identity and version) and the same geometry.
+    The layers of a network usually share one indices tensor: its checks and plans are cached as long
+    as the same tensor is passed unmodified (keyed by identity and version counter).
     """
-    key = (id(indices), geom, N, H, W)
-    hit = _PLANS.get(key)
-    if hit is not None and hit[0]() is indices and hit[1] == indices._version:
-        _PLANS.move_to_end(key)
-        return hit[2]
-    plan = BlockPlan(ops.check_indices(indices, N, geom, H, W), geom, N, H, W)
-    _PLANS[key] = (weakref.ref(indices), indices._version, plan)
-    while len(_PLANS) > _PLAN_CACHE_SIZE:
-        _PLANS.popitem(last=False)
+    key = id(indices)
+    hit = _CACHE.get(key)
+    if hit is None or hit[0]() is not indices or hit[1] != indices._version:
+        info = ops.index_info(indices)
+        ref = weakref.ref(indices) if isinstance(indices, torch.Tensor) else None
+        hit = (ref, indices._version, info, {})
+        _CACHE[key] = hit
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    _CACHE.move_to_end(key)
+    info, plans = hit[2], hit[3]
+    plan = plans.get((geom, N, H, W))
+    if plan is None:
+        ops.check_index_range(info, N, geom, H, W)
+        plan = plans[(geom, N, H, W)] = BlockPlan(info, geom, N, H, W)
     return plan
 
 

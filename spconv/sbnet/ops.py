@@ -87,11 +87,15 @@ def check_block_fits(geom: BlockGeometry, H: int, W: int, what: str) -> None:
                 f"from calc_block_params")
 
 
-def check_indices(indices, N: int, geom: BlockGeometry, H: int, W: int, name: str = "indices") -> torch.Tensor:
-    """Validates block indices [M, 3] (n, bh, bw) against a batch of N images of H x W -> int64 [M, 3].
+class IndexInfo(NamedTuple):
+    """Checked block indices: int64 [M, 3] and their per-column min/max (None when M == 0)."""
+    idx: torch.Tensor
+    lo: Optional[list]
+    hi: Optional[list]
 
-    Every block must overlap its image, indices must be unique; the input is never modified.
-    """
+
+def index_info(indices, name: str = "indices") -> IndexInfo:
+    """Checks what does not depend on the geometry (type, dtype, shape [M, 3], >= 0, no duplicates)."""
     if not isinstance(indices, torch.Tensor):
         raise ValueError(f"{name} must be an integer tensor [M, 3] of (n, bh, bw) rows as returned by "
                          f"reduce_mask, got {type(indices).__name__}")
@@ -101,13 +105,27 @@ def check_indices(indices, N: int, geom: BlockGeometry, H: int, W: int, name: st
         raise ValueError(f"{name} must have shape [M, 3] (rows (n, bh, bw)), got {tuple(indices.shape)}")
     idx = indices.long()
     if idx.shape[0] == 0:
-        return idx
+        return IndexInfo(idx, None, None)
     lo, hi = idx.amin(0).tolist(), idx.amax(0).tolist()
-    if lo[0] < 0 or hi[0] >= N:
-        raise ValueError(f"{name}: batch index out of range [0, {N}) (min {lo[0]}, max {hi[0]}); "
-                         f"indices must come from a mask with the same batch size as the input")
-    if lo[1] < 0 or lo[2] < 0:
-        raise ValueError(f"{name}: block indices must be >= 0, got min (bh, bw) = ({lo[1]}, {lo[2]})")
+    if min(lo) < 0:
+        raise ValueError(f"{name} must be >= 0, got min (n, bh, bw) = {tuple(lo)}")
+    # reduce_mask returns row-major sorted indices; only unsorted input pays for torch.unique
+    key = (idx[:, 0] * (hi[1] + 1) + idx[:, 1]) * (hi[2] + 1) + idx[:, 2]
+    if idx.shape[0] > 1 and not bool((key[1:] > key[:-1]).all()):
+        if torch.unique(key).numel() != key.numel():
+            raise ValueError(f"{name} contains duplicate blocks; each (n, bh, bw) may appear once")
+    return IndexInfo(idx, lo, hi)
+
+
+def check_index_range(info: IndexInfo, N: int, geom: BlockGeometry, H: int, W: int,
+                      name: str = "indices") -> None:
+    """Every block must belong to one of the N images and overlap its H x W area."""
+    if info.lo is None:
+        return
+    lo, hi = info.lo, info.hi
+    if hi[0] >= N:
+        raise ValueError(f"{name}: batch index out of range [0, {N}) (max {hi[0]}); indices must come "
+                         f"from a mask with the same batch size as the input")
     for d, (bmin, bmax, extent) in enumerate(((lo[1], hi[1], H), (lo[2], hi[2], W))):
         start_max = geom.boffset[d] + bmax * geom.bstride[d]
         end_min = geom.boffset[d] + bmin * geom.bstride[d] + geom.bsize[d]
@@ -118,12 +136,13 @@ def check_indices(indices, N: int, geom: BlockGeometry, H: int, W: int, name: st
                 f"bsize {geom.bsize}, boffset {geom.boffset}, bstride {geom.bstride} a block must overlap "
                 f"the {H}x{W} image; compute indices with reduce_mask on a mask of the same size and the "
                 f"same block parameters")
-    # reduce_mask returns row-major sorted indices; only unsorted input pays for torch.unique
-    key = (idx[:, 0] * (hi[1] + 1) + idx[:, 1]) * (hi[2] + 1) + idx[:, 2]
-    if idx.shape[0] > 1 and not bool((key[1:] > key[:-1]).all()):
-        if torch.unique(key).numel() != key.numel():
-            raise ValueError(f"{name} contains duplicate blocks; each (n, bh, bw) may appear once")
-    return idx
+
+
+def check_indices(indices, N: int, geom: BlockGeometry, H: int, W: int, name: str = "indices") -> IndexInfo:
+    """index_info + check_index_range; the input is never modified."""
+    info = index_info(indices, name)
+    check_index_range(info, N, geom, H, W, name)
+    return info
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,23 +161,22 @@ def reduce_mask(mask: torch.Tensor, bcount: Tuple[int, int], geom: BlockGeometry
     Active: max over the block's in-image pixels > tol, or (avgpool) sum / (bsize_h * bsize_w) > tol.
     """
     N, H, W = mask.shape
-    m = mask.unsqueeze(1)
-    if not m.is_floating_point():
-        m = m.float()
+    m = mask if mask.is_floating_point() else mask.float()
     # Crop / pad so that the grid of bcount blocks tiles the tensor exactly; padding never wins a max
     # and adds zero to a sum.
     need = [off + (cnt - 1) * s + size for off, cnt, s, size in zip(geom.boffset, bcount, geom.bstride, geom.bsize)]
     pads = [max(0, -geom.boffset[1]), max(0, need[1] - W), max(0, -geom.boffset[0]), max(0, need[0] - H)]
     fill = 0.0 if avgpool else float("-inf")
-    m = m[:, :, max(0, geom.boffset[0]):, max(0, geom.boffset[1]):]
+    m = m[:, max(0, geom.boffset[0]):, max(0, geom.boffset[1]):]
     if any(pads):
         m = F.pad(m, pads, value=fill)
+    # separable pooling over strided windows (unfold views, no copies): rows, then columns
+    (sh, sw), (th, tw) = geom.bsize, geom.bstride
     if avgpool:
-        pooled = F.avg_pool2d(m, geom.bsize, geom.bstride)
+        pooled = m.unfold(1, sh, th).sum(-1).unfold(2, sw, tw).sum(-1) / (sh * sw)
     else:
-        pooled = F.max_pool2d(m, geom.bsize, geom.bstride)
-    pooled = pooled[:, 0, :bcount[0], :bcount[1]]
-    return torch.nonzero(pooled > tol)
+        pooled = m.unfold(1, sh, th).amax(-1).unfold(2, sw, tw).amax(-1)
+    return torch.nonzero(pooled[:, :bcount[0], :bcount[1]] > tol)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,22 +189,31 @@ class BlockPlan:
     view. ``border`` holds the ids of blocks that cross the image border (empty when none does).
     """
 
-    def __init__(self, idx: torch.Tensor, geom: BlockGeometry, N: int, H: int, W: int):
+    def __init__(self, info: IndexInfo, geom: BlockGeometry, N: int, H: int, W: int):
+        idx = info.idx
         self.idx, self.geom, self.N, self.H, self.W = idx, geom, N, H, W
+        self.lo, self.hi = info.lo, info.hi
         dev = idx.device
         (sh, sw), (oh, ow), (th, tw) = geom.bsize, geom.boffset, geom.bstride
-        r0 = oh + idx[:, 1] * th
-        c0 = ow + idx[:, 2] * tw
-        self.rows = r0[:, None] + torch.arange(sh, device=dev)
-        self.cols = c0[:, None] + torch.arange(sw, device=dev)
+        self.r0 = oh + idx[:, 1] * th
+        self.c0 = ow + idx[:, 2] * tw
+        self.rows = self.r0[:, None] + torch.arange(sh, device=dev)
+        self.cols = self.c0[:, None] + torch.arange(sw, device=dev)
         self.n3 = idx[:, 0].view(-1, 1, 1)
         self.rows3 = self.rows[:, :, None]
         self.cols3 = self.cols[:, None, :]
-        inside = (r0 >= 0) & (r0 + sh <= H) & (c0 >= 0) & (c0 + sw <= W)
-        self.border = torch.nonzero(~inside).view(-1)
-        self.has_border = self.border.numel() > 0
         self.overlapping = sh > th or sw > tw
         self._cache = {}
+        # does any block cross the border? decided from the index bounds without touching the tensors
+        lo, hi = info.lo, info.hi
+        maybe = lo is not None and (oh + lo[1] * th < 0 or oh + hi[1] * th + sh > H or
+                                    ow + lo[2] * tw < 0 or ow + hi[2] * tw + sw > W)
+        if maybe:
+            inside = (self.r0 >= 0) & (self.r0 + sh <= H) & (self.c0 >= 0) & (self.c0 + sw <= W)
+            self.border = torch.nonzero(~inside).view(-1)
+        else:
+            self.border = idx.new_zeros(0)
+        self.has_border = self.border.numel() > 0
 
     @property
     def M(self) -> int:
@@ -197,42 +224,44 @@ class BlockPlan:
             self._cache[key] = fn()
         return self._cache[key]
 
-    def valid_rc(self, ids: torch.Tensor):
-        """In-image masks of rows [k, bh] and cols [k, bw] of blocks ``ids``."""
-        r, c = self.rows[ids], self.cols[ids]
-        return (r >= 0) & (r < self.H), (c >= 0) & (c < self.W)
-
     def clamped(self):
         """(n3, rows3, cols3) with coordinates clamped into the image."""
         if not self.has_border:
             return self.n3, self.rows3, self.cols3
         return self.n3, self.rows3.clamp(0, self.H - 1), self.cols3.clamp(0, self.W - 1)
 
-    def pixel_index(self) -> torch.Tensor:
-        """int64 [M * bh * bw]: row of each block pixel in the [N * H * W, C] pixel matrix (clamped)."""
-        def make():
-            n3, r3, c3 = self.clamped()
-            return ((n3 * self.H + r3) * self.W + c3).reshape(-1)
-        return self._cached("pixel_index", make)
-
-    def invalid_positions(self):
-        """(m, i, j) of all block pixels outside the image."""
-        def make():
-            vr, vc = self.valid_rc(self.border)
-            k, i, j = torch.nonzero(~(vr[:, :, None] & vc[:, None, :]), as_tuple=True)
-            return self.border[k], i, j
-        return self._cached("invalid", make)
-
-    def valid_positions(self) -> torch.Tensor:
-        """int64 [P']: flat positions (m * bh * bw + i * bw + j) of the in-image block pixels."""
+    def valid(self) -> torch.Tensor:
+        """bool [M, bh, bw]: block pixels inside the image."""
         def make():
             vr = (self.rows >= 0) & (self.rows < self.H)
             vc = (self.cols >= 0) & (self.cols < self.W)
-            return torch.nonzero((vr[:, :, None] & vc[:, None, :]).view(-1)).view(-1)
+            return vr[:, :, None] & vc[:, None, :]
         return self._cached("valid", make)
 
+    def pixel_index(self) -> torch.Tensor:
+        """int64 [M * bh * bw]: row of each block pixel in the [N * H * W, C] pixel matrix (0 for
+        pixels outside the image)."""
+        def make():
+            (sh, sw), dev = self.geom.bsize, self.idx.device
+            base = (self.idx[:, 0] * self.H + self.r0) * self.W + self.c0
+            offs = torch.arange(sh, device=dev)[:, None] * self.W + torch.arange(sw, device=dev)
+            pix = base[:, None, None] + offs
+            if self.has_border:
+                pix = pix.masked_fill_(~self.valid(), 0)
+            return pix.view(-1)
+        return self._cached("pixel_index", make)
+
+    def invalid_positions(self) -> torch.Tensor:
+        """int64 [P'']: flat positions (m * bh * bw + i * bw + j) of block pixels outside the image."""
+        return self._cached("invalid", lambda: torch.nonzero(~self.valid().view(-1)).view(-1))
+
+    def valid_positions(self) -> torch.Tensor:
+        """int64 [P']: flat positions of the block pixels inside the image."""
+        return self._cached("valid_pos", lambda: torch.nonzero(self.valid().view(-1)).view(-1))
+
     def subset(self, ids: torch.Tensor) -> "BlockPlan":
-        return BlockPlan(self.idx[ids], self.geom, self.N, self.H, self.W)
+        """Plan of blocks ``ids`` (the parent's index bounds still bound them)."""
+        return BlockPlan(IndexInfo(self.idx[ids], self.lo, self.hi), self.geom, self.N, self.H, self.W)
 
     def num_groups(self) -> int:
         (sh, sw), (th, tw) = self.geom.bsize, self.geom.bstride
@@ -255,10 +284,10 @@ class BlockPlan:
     def flat_valid(self, ids: Optional[torch.Tensor] = None):
         """For blocks ``ids`` (all if None): in-image pixels as 1-D (m, i, j, n, r, c)."""
         if ids is None:
-            ids = torch.arange(self.M, device=self.idx.device)
-        vr, vc = self.valid_rc(ids)
-        k, i, j = torch.nonzero(vr[:, :, None] & vc[:, None, :], as_tuple=True)
-        m = ids[k]
+            m, i, j = torch.nonzero(self.valid(), as_tuple=True)
+        else:
+            k, i, j = torch.nonzero(self.valid()[ids], as_tuple=True)
+            m = ids[k]
         return m, i, j, self.idx[m, 0], self.rows[m, i], self.cols[m, j]
 
 
@@ -301,8 +330,7 @@ def gather_nhwc(xv: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     else:
         out = xv[plan.clamped()]
     if plan.has_border:
-        m, i, j = plan.invalid_positions()
-        out[m, i, j] = 0
+        out.view(-1, out.shape[-1]).index_fill_(0, plan.invalid_positions(), 0)
     return out
 
 
