@@ -372,6 +372,12 @@ def test_sparse_resnet_block_inplace_and_empty_mask():
     assert y is x_work
     tiles = _tile_mask(ind, blk.block_params((13, 11)), x.shape, 8)
     torch.testing.assert_close(y[tiles], y_ref[tiles])
+    blk.train()  # training mode: in-place ReLUs and the border mask keep autograd intact
+    xt = torch.randn(1, 8, 13, 11, requires_grad=True)
+    blk.inplace = False
+    blk(xt, ind).square().sum().backward()
+    assert xt.grad is not None and all(p.grad is not None for p in blk.parameters())
+    blk.eval()
     empty = blk.reduce_mask(torch.zeros(1, 13, 11))
     assert empty.count == 0
     blk.inplace = False

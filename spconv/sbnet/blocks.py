@@ -160,19 +160,19 @@ class SparseBlockResNet(nn.Module):
     def residual(self, blocks: torch.Tensor, valid: Optional[torch.Tensor] = None) -> torch.Tensor:
         """F on a stack [M, C, b, b] with VALID convs -> [M, C, b - k + 1, b - k + 1]. ``valid``
         [M, 1, b, b] zeroes the out-of-image pixels before the k x k conv (the dense conv's zero padding)."""
-        h = self.conv1(F.relu(self.bn1(blocks)))
-        h = F.relu(self.bn2(h))
+        h = self.conv1(F.relu(self.bn1(blocks), inplace=True))
+        h = F.relu(self.bn2(h), inplace=True)
         if valid is not None:
-            h = h * valid
+            h = h * valid if h.requires_grad else h.mul_(valid)  # relu's backward needs its output
         h = self.conv2(h)
-        return self.conv3(F.relu(self.bn3(h)))
+        return self.conv3(F.relu(self.bn3(h), inplace=True))
 
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The same block on the whole image: x + F(x) with SAME padding. [N, C, H, W] -> [N, C, H, W]."""
-        h = self.conv1(F.relu(self.bn1(x)))
-        h = F.relu(self.bn2(h))
+        h = self.conv1(F.relu(self.bn1(x), inplace=True))
+        h = F.relu(self.bn2(h), inplace=True)
         h = F.conv2d(h, self.conv2.weight, self.conv2.bias, padding=self.kernel_size // 2)
-        return x + self.conv3(F.relu(self.bn3(h)))
+        return x + self.conv3(F.relu(self.bn3(h), inplace=True))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         ops.check_dense(x, "x", "NCHW")
