@@ -6,7 +6,8 @@ sparse time includes reduce_mask, gather, the three BN-ReLU-convs on the block s
 scatter-add (SBNet's sparse_scatter_var) on a channels-last input; the out-of-place column adds the copy
 of the dense input. The dense baseline is the same module's dense_forward in eval mode, in NCHW or
 channels-last memory format, whichever is faster. Block sizes are searched per row and the best kept
-(as SBNet did). Dense and sparse runs alternate; medians over --reps runs after --warmup runs.
+(as SBNet did). Cases are timed round-robin in chunks of 3 runs after a warm-up run (see
+timed_rounds); the figures are medians.
 
 glibc's malloc unmaps every freed block above 32 MB, so by default each big dense tensor page-faults
 again on every call (dense ~8x slower here). The benchmark re-executes itself with
@@ -14,7 +15,7 @@ MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ raised so that both sides run at c
 --system-malloc to measure with the default allocator instead.
 
 usage: python bench/sbnet_block.py [--shapes 64x400x352 128x200x176] [--densities 0.5 0.2 0.1 0.05]
-                                   [--blocks 10 18 26 34] [--mask topleft|roads] [--reps 15]
+                                   [--blocks 10 18 26 34] [--mask topleft|roads] [--rounds 7]
                                    [--json bench/results/sbnet_block.json] [--system-malloc]
 """
 import argparse
@@ -57,19 +58,22 @@ def make_mask(kind, h, w, density, seed=0):
     return mask
 
 
-def median_ms(fn, reps, warmup, before=None):
-    for _ in range(warmup):
-        if before:
-            before()
-        fn()
-    times = []
-    for _ in range(reps):
-        if before:
-            before()
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1e3
+def timed_rounds(cases, rounds, chunk=3):
+    """Medians (ms) of named (fn, before) cases, timed round-robin in chunks: each round runs every
+    case 1 + chunk times and keeps the last chunk (the first run re-warms caches after the other
+    cases), so background load hits all cases alike without one case's cache misses leaking into the
+    next case's timing. ``before`` runs untimed before each call."""
+    samples = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (fn, before) in cases.items():
+            for k in range(1 + chunk):
+                if before is not None:
+                    before()
+                t = time.perf_counter()
+                fn()
+                if k:
+                    samples[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1e3 for name, v in samples.items()}
 
 
 def main():
@@ -80,8 +84,8 @@ def main():
     ap.add_argument("--blocks", nargs="+", type=int, default=[10, 14, 18, 26, 34],
                     help="input block sizes to try (halo included: output tile = size - 2)")
     ap.add_argument("--mask", choices=["topleft", "roads"], default="topleft")
-    ap.add_argument("--reps", type=int, default=15)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=7,
+                    help="round-robin rounds; each round times every case 3 times after 1 warm-up run")
     ap.add_argument("--json", default=os.path.join(HERE, "results", "sbnet_block.json"))
     ap.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     a = ap.parse_args()
@@ -105,42 +109,30 @@ def main():
         inputs = {"nchw": x0.contiguous(), "channels_last": x0}
         dense_mod = sb.SparseBlockResNet(c, c // 4, 3, 18).eval()
         with torch.no_grad():
-            dense_ms = {fmt: median_ms(lambda: dense_mod.dense_forward(xin), a.reps, a.warmup)
-                        for fmt, xin in inputs.items()}
+            dense_ms = timed_rounds({fmt: (lambda xin=xin: dense_mod.dense_forward(xin), None)
+                                     for fmt, xin in inputs.items()}, a.rounds)
         fmt = min(dense_ms, key=dense_ms.get)
         for density in a.densities:
             mask = make_mask(a.mask, h, w, density)
             x = x0.clone()
             restore = lambda: x.copy_(x0)  # noqa: E731  (the in-place block always starts from x0)
-            tried = {}
-            for bsize in a.blocks:
-                if bsize - 2 > min(h, w):
-                    continue
-                mod = sb.SparseBlockResNet(c, c // 4, 3, bsize, inplace=True).eval()
-                with torch.no_grad():
-                    tried[bsize] = median_ms(lambda: mod(x, mod.reduce_mask(mask, tol=0.5).indices),
-                                             max(5, a.reps // 2), a.warmup, before=restore)
-            bsize = min(tried, key=tried.get)
-            mod = sb.SparseBlockResNet(c, c // 4, 3, bsize, inplace=True).eval()
-            oop = sb.SparseBlockResNet(c, c // 4, 3, bsize, inplace=False).eval()
-            # dense and sparse timed in alternation, so that load from elsewhere hits both alike
-            t_dense, t_sparse, t_oop = [], [], []
+
+            def sparse_case(m, xin=x):
+                return lambda: m(xin, m.reduce_mask(mask, tol=0.5).indices)
+
+            # block-size search (as SBNet's benchmark did), then dense vs the best size
+            mods = {b: sb.SparseBlockResNet(c, c // 4, 3, b, inplace=True).eval()
+                    for b in a.blocks if b - 2 <= min(h, w)}
             with torch.no_grad():
-                for r in range(a.warmup + a.reps):
-                    t0 = time.perf_counter()
-                    dense_mod.dense_forward(inputs[fmt])
-                    t1 = time.perf_counter()
-                    restore()
-                    t2 = time.perf_counter()
-                    mod(x, mod.reduce_mask(mask, tol=0.5).indices)
-                    t3 = time.perf_counter()
-                    oop(x0, oop.reduce_mask(mask, tol=0.5).indices)
-                    t4 = time.perf_counter()
-                    if r >= a.warmup:
-                        t_dense.append(t1 - t0)
-                        t_sparse.append(t3 - t2)
-                        t_oop.append(t4 - t3)
-            dense, sparse_ms, oop_ms = (statistics.median(t) * 1e3 for t in (t_dense, t_sparse, t_oop))
+                tried = timed_rounds({b: (sparse_case(m), restore) for b, m in mods.items()},
+                                     max(2, a.rounds // 2))
+                bsize = min(tried, key=tried.get)
+                mod = mods[bsize]
+                oop = sb.SparseBlockResNet(c, c // 4, 3, bsize, inplace=False).eval()
+                t = timed_rounds({"dense": (lambda: dense_mod.dense_forward(inputs[fmt]), None),
+                                  "sparse": (sparse_case(mod), restore),
+                                  "oop": (sparse_case(oop, x0), None)}, a.rounds)
+            dense, sparse_ms, oop_ms = t["dense"], t["sparse"], t["oop"]
             count = mod.reduce_mask(mask, tol=0.5).count
             p = mod.block_params((h, w))
             tile_density = count * p.bsize_out[0] * p.bsize_out[1] / (h * w)
@@ -157,7 +149,7 @@ def main():
                   f"{sparse_ms:9.2f} {dense / sparse_ms:7.1f}x {oop_ms:15.2f}  "
                   f"({dense_ms['nchw']:.1f} / {dense_ms['channels_last']:.1f})", flush=True)
     meta = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-                malloc="system" if a.system_malloc else MALLOC_ENV, reps=a.reps, warmup=a.warmup,
+                malloc="system" if a.system_malloc else MALLOC_ENV, rounds=a.rounds, runs_per_round=3,
                 mask=a.mask, blocks_tried=a.blocks)
     os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
     with open(a.json, "w") as f:

@@ -194,8 +194,4 @@ class SparseBlockResNet(nn.Module):
 
 def _valid_mask(plan: ops.BlockPlan, like: torch.Tensor) -> Optional[torch.Tensor]:
     """[M, 1, bh, bw] 0/1 mask of in-image block pixels, or None when no block crosses the border."""
-    if not plan.has_border:
-        return None
-    vr = (plan.rows >= 0) & (plan.rows < plan.H)
-    vc = (plan.cols >= 0) & (plan.cols < plan.W)
-    return (vr[:, None, :, None] & vc[:, None, None, :]).to(like.dtype)
+    return plan.valid().unsqueeze(1).to(like.dtype) if plan.has_border else None

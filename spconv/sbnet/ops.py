@@ -189,31 +189,21 @@ class BlockPlan:
     view. ``border`` holds the ids of blocks that cross the image border (empty when none does).
     """
 
-    def __init__(self, info: IndexInfo, geom: BlockGeometry, N: int, H: int, W: int):
+    def __init__(self, info: IndexInfo, geom: BlockGeometry, N: int, H: int, W: int, exact_bounds: bool = True):
         idx = info.idx
         self.idx, self.geom, self.N, self.H, self.W = idx, geom, N, H, W
         self.lo, self.hi = info.lo, info.hi
-        dev = idx.device
         (sh, sw), (oh, ow), (th, tw) = geom.bsize, geom.boffset, geom.bstride
-        self.r0 = oh + idx[:, 1] * th
-        self.c0 = ow + idx[:, 2] * tw
-        self.rows = self.r0[:, None] + torch.arange(sh, device=dev)
-        self.cols = self.c0[:, None] + torch.arange(sw, device=dev)
-        self.n3 = idx[:, 0].view(-1, 1, 1)
-        self.rows3 = self.rows[:, :, None]
-        self.cols3 = self.cols[:, None, :]
         self.overlapping = sh > th or sw > tw
         self._cache = {}
-        # does any block cross the border? decided from the index bounds without touching the tensors
+        # Does a block cross the border? The bounds (min/max bh, bw) are attained by actual blocks, so
+        # they decide it exactly without touching the tensors (subsets only get an upper bound).
         lo, hi = info.lo, info.hi
-        maybe = lo is not None and (oh + lo[1] * th < 0 or oh + hi[1] * th + sh > H or
-                                    ow + lo[2] * tw < 0 or ow + hi[2] * tw + sw > W)
-        if maybe:
-            inside = (self.r0 >= 0) & (self.r0 + sh <= H) & (self.c0 >= 0) & (self.c0 + sw <= W)
-            self.border = torch.nonzero(~inside).view(-1)
-        else:
-            self.border = idx.new_zeros(0)
-        self.has_border = self.border.numel() > 0
+        crosses = lo is not None and (oh + lo[1] * th < 0 or oh + hi[1] * th + sh > H or
+                                      ow + lo[2] * tw < 0 or ow + hi[2] * tw + sw > W)
+        self.has_border = crosses
+        if crosses and not exact_bounds:
+            self.has_border = self.border.numel() > 0
 
     @property
     def M(self) -> int:
@@ -223,6 +213,44 @@ class BlockPlan:
         if key not in self._cache:
             self._cache[key] = fn()
         return self._cache[key]
+
+    @property
+    def rows(self) -> torch.Tensor:
+        """int64 [M, bh]: image rows of the blocks' pixel rows (may lie outside the image)."""
+        g = self.geom
+        return self._cached("rows", lambda: (g.boffset[0] + self.idx[:, 1:2] * g.bstride[0])
+                            + torch.arange(g.bsize[0], device=self.idx.device))
+
+    @property
+    def cols(self) -> torch.Tensor:
+        g = self.geom
+        return self._cached("cols", lambda: (g.boffset[1] + self.idx[:, 2:3] * g.bstride[1])
+                            + torch.arange(g.bsize[1], device=self.idx.device))
+
+    @property
+    def n3(self) -> torch.Tensor:
+        return self.idx[:, 0].view(-1, 1, 1)
+
+    @property
+    def rows3(self) -> torch.Tensor:
+        return self.rows[:, :, None]
+
+    @property
+    def cols3(self) -> torch.Tensor:
+        return self.cols[:, None, :]
+
+    @property
+    def border(self) -> torch.Tensor:
+        """int64 ids of the blocks that cross the image border."""
+        def make():
+            if not self.has_border:
+                return self.idx.new_zeros(0)
+            (sh, sw), (oh, ow), (th, tw) = self.geom.bsize, self.geom.boffset, self.geom.bstride
+            r0 = oh + self.idx[:, 1] * th
+            c0 = ow + self.idx[:, 2] * tw
+            inside = (r0 >= 0) & (r0 + sh <= self.H) & (c0 >= 0) & (c0 + sw <= self.W)
+            return torch.nonzero(~inside).view(-1)
+        return self._cached("border", make)
 
     def clamped(self):
         """(n3, rows3, cols3) with coordinates clamped into the image."""
@@ -239,16 +267,12 @@ class BlockPlan:
         return self._cached("valid", make)
 
     def pixel_index(self) -> torch.Tensor:
-        """int64 [M * bh * bw]: row of each block pixel in the [N * H * W, C] pixel matrix (0 for
-        pixels outside the image)."""
+        """int64 [M * bh * bw]: row of each block pixel in the [N * H * W, C] pixel matrix (pixels
+        outside the image get the clamped pixel's row: gather zero-fills them, scatter skips them)."""
         def make():
-            (sh, sw), dev = self.geom.bsize, self.idx.device
-            base = (self.idx[:, 0] * self.H + self.r0) * self.W + self.c0
-            offs = torch.arange(sh, device=dev)[:, None] * self.W + torch.arange(sw, device=dev)
-            pix = base[:, None, None] + offs
-            if self.has_border:
-                pix = pix.masked_fill_(~self.valid(), 0)
-            return pix.view(-1)
+            n, r, c = self.clamped()
+            pix = r * self.W + c if self.N == 1 else (n * self.H + r) * self.W + c
+            return pix.reshape(-1)
         return self._cached("pixel_index", make)
 
     def invalid_positions(self) -> torch.Tensor:
@@ -261,7 +285,8 @@ class BlockPlan:
 
     def subset(self, ids: torch.Tensor) -> "BlockPlan":
         """Plan of blocks ``ids`` (the parent's index bounds still bound them)."""
-        return BlockPlan(IndexInfo(self.idx[ids], self.lo, self.hi), self.geom, self.N, self.H, self.W)
+        return BlockPlan(IndexInfo(self.idx[ids], self.lo, self.hi), self.geom, self.N, self.H, self.W,
+                         exact_bounds=False)
 
     def num_groups(self) -> int:
         (sh, sw), (th, tw) = self.geom.bsize, self.geom.bstride
