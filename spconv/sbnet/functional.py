@@ -60,8 +60,7 @@ def block_plan(indices: torch.Tensor, geom: ops.BlockGeometry, N: int, H: int, W
     hit = _CACHE.get(key)
     if hit is None or hit[0]() is not indices or hit[1] != indices._version:
         info = ops.index_info(indices)
-        ref = weakref.ref(indices) if isinstance(indices, torch.Tensor) else None
-        hit = (ref, indices._version, info, {})
+        hit = (weakref.ref(indices), indices._version, info, {})
         _CACHE[key] = hit
         while len(_CACHE) > _CACHE_SIZE:
             _CACHE.popitem(last=False)
@@ -71,6 +70,14 @@ def block_plan(indices: torch.Tensor, geom: ops.BlockGeometry, N: int, H: int, W
     if plan is None:
         ops.check_index_range(info, N, geom, H, W)
         plan = plans[(geom, N, H, W)] = BlockPlan(info, geom, N, H, W)
+    return plan
+
+
+def _plan_on(dense: torch.Tensor, name: str, indices, geom, N: int, H: int, W: int) -> BlockPlan:
+    plan = block_plan(indices, geom, N, H, W)
+    if plan.idx.device != dense.device:
+        raise ValueError(f"indices are on {plan.idx.device} but {name} is on {dense.device}; move them with "
+                         f"indices.to({name}.device)")
     return plan
 
 
@@ -215,7 +222,7 @@ def sparse_gather(x: torch.Tensor, indices: torch.Tensor, bsize: IntPair, boffse
     nchw = layout == "NCHW"
     H, W = _hw(x, layout)
     ops.check_block_fits(geom, H, W, "input")
-    plan = block_plan(indices, geom, x.shape[0], H, W)
+    plan = _plan_on(x, "x", indices, geom, x.shape[0], H, W)
     blocks = SparseGatherFunction.apply(_nhwc(x, nchw), plan)
     return _from_nhwc(blocks, nchw != bool(transpose))
 
@@ -232,7 +239,7 @@ def _scatter(blocks, indices, ybase, bsize, boffset, bstride, add, transpose, la
     H, W = _hw(ybase, layout)
     C = _channels(ybase, layout)
     ops.check_block_fits(geom, H, W, "output ybase")
-    plan = block_plan(indices, geom, ybase.shape[0], H, W)
+    plan = _plan_on(ybase, "ybase", indices, geom, ybase.shape[0], H, W)
     idx = plan.idx
     blocks_nchw = nchw != bool(transpose)
     want = (idx.shape[0], C, *geom.bsize) if blocks_nchw else (idx.shape[0], *geom.bsize, C)

@@ -1,7 +1,8 @@
 """Block-sparse ops without autograd: argument checks, block geometry and the gather/scatter kernels.
 
-Everything here is vectorised PyTorch (advanced indexing, ``index_put_``, ``scatter_reduce_``) and
-deterministic. The kernels work on a channels-last view ``[N, H, W, C]`` of the dense tensor: a block
+Everything here is vectorised PyTorch (``index_select``, ``index_add_``, ``index_copy_``, advanced
+indexing, ``scatter_reduce_``) and deterministic. The kernels work on a channels-last view
+``[N, H, W, C]`` of the dense tensor: a block
 pixel is then one contiguous run of C values, and blocks gathered from a channels-last (or NHWC)
 tensor come out as ``[M, bh, bw, C]`` rows that a conv reads as channels-last ``[M, C, bh, bw]``
 without a copy.
@@ -13,6 +14,7 @@ the image read as zero (gather) and are dropped (scatter).
 from __future__ import annotations
 
 import math
+import operator
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -33,26 +35,32 @@ class BlockGeometry(NamedTuple):
 # argument checks
 # ----------------------------------------------------------------------------------------------
 def to_pair(value: IntPair, name: str, minimum: Optional[int] = 1) -> Tuple[int, int]:
-    """An int or a pair of ints (list, tuple, 2-element tensor) -> (h, w); ValueError otherwise."""
+    """An int or a pair of ints (list, tuple, 1- or 2-element integer tensor) -> (h, w); ValueError
+    otherwise."""
+    bad = f"{name} must be an int or a pair of ints (h, w), got {value!r}"
     if isinstance(value, torch.Tensor):
         if value.numel() not in (1, 2) or value.is_floating_point() or value.is_complex():
-            raise ValueError(f"{name} must be an int or a pair of ints (h, w), got a tensor of shape "
-                             f"{tuple(value.shape)} and dtype {value.dtype}")
+            raise ValueError(bad)
         value = value.reshape(-1).tolist()
+        value = value * 2 if len(value) == 1 else value
     if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
-    if isinstance(value, int):
-        pair = (value, value)
-    else:
+        raise ValueError(bad)
+    try:
+        pair = (operator.index(value),) * 2
+    except TypeError:
         try:
-            pair = tuple(value)
+            items = tuple(value)
         except TypeError:
-            raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}") from None
-        if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in pair):
-            raise ValueError(f"{name} must be an int or a pair of ints (h, w), got {value!r}")
+            raise ValueError(bad) from None
+        if len(items) != 2 or any(isinstance(v, bool) for v in items):
+            raise ValueError(bad)
+        try:
+            pair = tuple(operator.index(v) for v in items)
+        except TypeError:
+            raise ValueError(bad) from None
     if minimum is not None and min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum} in both dims, got {pair}")
-    return (int(pair[0]), int(pair[1]))
+    return pair
 
 
 def make_geometry(bsize: IntPair, boffset: IntPair, bstride: IntPair) -> BlockGeometry:
