@@ -175,6 +175,8 @@ class SparseBlockResNet(nn.Module):
         return x + self.conv3(F.relu(self.bn3(h), inplace=True))
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, C, H, W], indices int [M, 3] from :meth:`reduce_mask` on a mask of x's size ->
+        [N, C, H, W] (``x`` itself when ``inplace``)."""
         ops.check_dense(x, "x", "NCHW")
         if x.shape[1] != self.channels:
             raise ValueError(f"x has {x.shape[1]} channels, the block expects {self.channels}")
