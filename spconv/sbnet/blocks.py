@@ -1,7 +1,6 @@
 """Block parameters for convolutions on block stacks, and the sparse ResNet bottleneck block."""
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
