@@ -110,7 +110,9 @@ output = model.forward(input)
 
 def test_readme_hello_world(capsys):
     ns = {}
+    scn.forward_pass_multiplyAdd_count = scn.forward_pass_hidden_states = 0
     exec(compile(README_HELLO_WORLD, "hello_world", "exec"), ns)
+    assert scn.forward_pass_multiplyAdd_count > 0 and scn.forward_pass_hidden_states > 0  # SCN's counters
     out = ns["output"]
     assert tuple(out.shape) == (2, 32, 10, 10)
     assert ns["inputSpatialSize"].tolist() == [87, 87]

@@ -7,6 +7,10 @@ column); every module has ``input_spatial_size(out_size)``. Rulebooks are spconv
 built once per spatial size (and filter) in the metadata and reused forward and backward.
 Dimensions 1-4 use the compiled map builders, higher dimensions a PyTorch one.
 """
+# SparseConvNet's global counters, advanced by every convolution's forward pass
+forward_pass_multiplyAdd_count = 0
+forward_pass_hidden_states = 0
+
 from spconv.scn.activations import (ELU, SELU, BatchNormalization, BatchNormELU, BatchNormLeakyReLU, BatchNormReLU,
                                     BatchwiseDropout, Dropout, Identity, LeakyReLU, ReLU, Sigmoid, Tanh)
 from spconv.scn.containers import AddTable, ConcatTable, JoinTable, Sequential

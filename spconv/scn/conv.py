@@ -59,6 +59,13 @@ def full_input_size(out_size, f: torch.Tensor, s: torch.Tensor, who: str) -> tor
     return (out_size - f) // s + 1
 
 
+def _count(pairs: int, macs_per_pair: int, out: torch.Tensor):
+    """SparseConvNet's global counters ``scn.forward_pass_multiplyAdd_count`` / ``forward_pass_hidden_states``."""
+    import spconv.scn as scn_pkg
+    scn_pkg.forward_pass_multiplyAdd_count += pairs * macs_per_pair
+    scn_pkg.forward_pass_hidden_states += out.numel()
+
+
 class _ConvBase(nn.Module):
     """Shared parameters and weight conversion of the SparseConvNet convolutions."""
     NAME = "Convolution"
@@ -103,8 +110,9 @@ class _ConvBase(nn.Module):
         v, g, i, o = self.weight.shape
         return self.weight.permute(1, 3, 0, 2).reshape(g * o, v, i).contiguous()
 
-    def _conv(self, features, fwd_table, bwd_table):
+    def _conv(self, features, fwd_table, bwd_table, pairs=None):
         out = Fsp.sparse_conv(features.contiguous(), self.spconv_weight(), fwd_table, bwd_table, self.groups)
+        _count(pairs if pairs is not None else int((fwd_table >= 0).sum()), self.nIn // self.groups * self.nOut, out)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
@@ -122,7 +130,7 @@ class _ConvBase(nn.Module):
         return f"{self.NAME} {self.nIn}->{self.nOut} C{fs}/{ss}"
 
     def extra_repr(self):
-        s = self._describe()
+        s = self._describe()[len(self.NAME) + 1:]
         if self.groups != 1:
             s += f", groups={self.groups}"
         if self.bias is None:
@@ -141,7 +149,7 @@ class SubmanifoldConvolution(_ConvBase):
     def forward(self, input: SparseConvNetTensor) -> SparseConvNetTensor:
         self._check(input)
         book = input.metadata.submanifold_rulebook(input.spatial_size, self.filter_size)
-        return derive(input, self._conv(input.features, book.table, book.inverse_fn()))
+        return derive(input, self._conv(input.features, book.table, book.inverse_fn(), book.pairs))
 
     def input_spatial_size(self, out_size):
         return out_size
@@ -160,7 +168,7 @@ class Convolution(_ConvBase):
         out_size = valid_output_size(input.spatial_size, self.filter_size, self.filter_stride, self._describe())
         book = input.metadata.rulebook(input.spatial_size, out_size, self.filter_size, self.filter_stride,
                                        self._describe())
-        return derive(input, self._conv(input.features, book.table, book.inverse_fn()), out_size)
+        return derive(input, self._conv(input.features, book.table, book.inverse_fn(), book.pairs), out_size)
 
     def input_spatial_size(self, out_size):
         return valid_input_size(out_size, self.filter_size, self.filter_stride)
@@ -181,7 +189,7 @@ class Deconvolution(_ConvBase):
                              "a Deconvolution undoes an earlier Convolution/pooling from that size (use "
                              "FullConvolution to create new sites)")
         book = m.rulebook(out_size, input.spatial_size, self.filter_size, self.filter_stride, self._describe())
-        return derive(input, self._conv(input.features, book.inverse, book.table), out_size)
+        return derive(input, self._conv(input.features, book.inverse, book.table, book.pairs), out_size)
 
     def input_spatial_size(self, out_size):
         return full_input_size(out_size, self.filter_size, self.filter_stride, self._describe())
@@ -230,6 +238,7 @@ class NetworkInNetwork(nn.Module):
     def forward(self, input: SparseConvNetTensor) -> SparseConvNetTensor:
         check_tensor(input, f"NetworkInNetwork {self.nIn}->{self.nOut}", None, self.nIn)
         out = input.features @ self.weight.to(input.features.dtype)
+        _count(input.features.shape[0], self.nIn * self.nOut, out)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return derive(input, out)

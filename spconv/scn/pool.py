@@ -52,7 +52,7 @@ class _Pool(nn.Module):
         return f"{self.NAME}{ps}/{ss}{drop}"
 
     def extra_repr(self):
-        return self._describe()
+        return self._describe()[len(self.NAME):]
 
 
 class MaxPooling(_Pool):

@@ -59,6 +59,11 @@ class RuleBook:
         return lambda: self.inverse
 
     @property
+    def pairs(self) -> int:
+        """Number of (input, output) pairs, i.e. active taps in the table."""
+        return int(self.counts.sum())
+
+    @property
     def counts(self) -> torch.Tensor:
         """Active taps per output row, ``[N_out]``."""
         if self._counts is None:
