@@ -371,6 +371,18 @@ def test_rulebooks_are_cached_per_spatial_size():
     (w.features.sum() + p.features.sum()).backward()
     assert m.submanifold_rulebook(x.spatial_size, torch.LongTensor([3, 3])) is book
     assert set(m.sites) == {(9, 9), (4, 4)}
+    # one set of sites per spatial size: a second map onto existing sites is aligned to their rows ...
+    one = scn.InputLayer(2, 9)([torch.LongTensor([[4, 4]]), torch.ones(1, 1)])
+    big = scn.MaxPooling(2, 6, 1)(one)  # 16 sites at 4x4
+    small = scn.Convolution(2, 1, 1, 3, 2, False)(one)  # its 4 sites are among them: rows follow `big`
+    assert small.features.shape[0] == 16 and int((small.features != 0).any(1).sum()) == 4
+    # ... and sites outside the existing set are an error
+    one = scn.InputLayer(2, 9)([torch.LongTensor([[4, 4]]), torch.ones(1, 1)])
+    scn.Convolution(2, 1, 1, 3, 2, False)(one)
+    with pytest.raises(ValueError, match="different active sites"):
+        scn.MaxPooling(2, 6, 1)(one)
+    with pytest.raises(ValueError, match="convert the model"):
+        scn.SubmanifoldConvolution(2, 1, 1, 3, False).double()(one)
     # spconv bridge: same rows, batch first
     sp = z.to_spconv()
     assert sp.spatial_shape == [4, 4] and torch.equal(sp.indices[:, 1:].long(), z.get_spatial_locations()[:, :2])
@@ -399,6 +411,12 @@ def test_input_batch_semantics():
     assert ib.get_spatial_locations()[5:].tolist() == [[0, 1, 5], [2, 2, 5]]
     out = scn.SubmanifoldConvolution(2, 2, 3, 3, False)(ib)
     assert out.features.shape == (7, 3)
+    ib.precompute_metadata(2)
+    m = ib.metadata  # 5x5 is odd: the 3x3 submanifold rulebook, then 2s2 stops
+    assert len(m.submanifold_rulebooks) == 1 and not m.rulebooks
+    ib.set_locations(torch.LongTensor([[1, 1, 6]]), torch.FloatTensor([[8, 80]]))  # adding sites drops stale books
+    assert not ib.metadata.submanifold_rulebooks and ib.features.shape[0] == 8
+    assert out.metadata is ib.metadata and scn.SubmanifoldConvolution(2, 2, 3, 3, False)(ib).features.shape[0] == 8
 
 
 def test_batch_norm_matches_torch_with_scn_momentum():

@@ -119,6 +119,10 @@ class _ConvBase(nn.Module):
 
     def _check(self, input):
         check_tensor(input, self._describe(), self.dimension, self.nIn)
+        f = input.features
+        if f.dtype != self.weight.dtype and not torch.is_autocast_enabled(f.device.type):
+            raise ValueError(f"{self._describe()}: features are {f.dtype} but the weight is {self.weight.dtype}; "
+                             f"convert the model (model.to({f.dtype})) or the features")
 
     def _describe(self):
         f = self.filter_size.tolist()

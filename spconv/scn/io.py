@@ -382,20 +382,26 @@ class InputBatch(SparseConvNetTensor):
         self._n = value.shape[0]
 
     def _publish(self):
-        self.metadata.set_sites(self.spatial_size, self._site_buf[:self._n])
-        self.metadata.batch_size = max(self._sample + 1, 0)
+        """Expose the current sites to the metadata; rulebooks built on older sites are dropped."""
+        m = self.metadata
+        if m.rulebooks or m.submanifold_rulebooks or len(m.sites) > 1:
+            m.rulebooks.clear()
+            m.submanifold_rulebooks.clear()
+            m.sites.clear()
+        m.set_sites(self.spatial_size, self._site_buf[:self._n])
+        m.batch_size = max(self._sample + 1, 0)
 
     def _reserve(self, extra: int, channels: int, dtype):
+        """Room for ``extra`` more rows (the buffers double when full)."""
+        if self._n == 0:
+            self._feat_buf = self._feat_buf.new_zeros((self._feat_buf.shape[0], channels), dtype=dtype)
+        elif self._feat_buf.shape[1] != channels:
+            raise ValueError(f"InputBatch: feature vectors have {channels} planes, earlier ones had "
+                             f"{self._feat_buf.shape[1]}")
         need = self._n + extra
-        if self._feat_buf.dim() != 2 or (self._n and self._feat_buf.shape[1] != channels):
-            if self._n:
-                raise ValueError(f"InputBatch: feature vectors have {channels} planes, earlier ones had "
-                                 f"{self._feat_buf.shape[1]}")
-        if self._n == 0 and (self._feat_buf.shape[1] != channels or self._feat_buf.dtype != dtype):
-            self._feat_buf = torch.zeros((0, channels), dtype=dtype)
-        if need > self._feat_buf.shape[0]:
+        if need > self._feat_buf.shape[0] or need > self._site_buf.shape[0]:
             cap = max(need, 2 * self._feat_buf.shape[0], 64)
-            fb = torch.zeros((cap, channels), dtype=self._feat_buf.dtype)
+            fb = self._feat_buf.new_zeros((cap, channels))
             fb[:self._n] = self._feat_buf[:self._n]
             sb = torch.zeros((cap, self.metadata.dimension + 1), dtype=torch.int32)
             sb[:self._n] = self._site_buf[:self._n]
