@@ -375,7 +375,8 @@ def test_rulebooks_are_cached_per_spatial_size():
     one = scn.InputLayer(2, 9)([torch.LongTensor([[4, 4]]), torch.ones(1, 1)])
     big = scn.MaxPooling(2, 6, 1)(one)  # 16 sites at 4x4
     small = scn.Convolution(2, 1, 1, 3, 2, False)(one)  # its 4 sites are among them: rows follow `big`
-    assert small.features.shape[0] == 16 and int((small.features != 0).any(1).sum()) == 4
+    assert big.features.shape[0] == small.features.shape[0] == 16
+    assert int((small.features != 0).any(1).sum()) == 4
     # ... and sites outside the existing set are an error
     one = scn.InputLayer(2, 9)([torch.LongTensor([[4, 4]]), torch.ones(1, 1)])
     scn.Convolution(2, 1, 1, 3, 2, False)(one)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import spconv.scn as scn
-from helpers import dense_conv, gather_sites, random_sparse, to_dense
+from helpers import dense_conv, dense_conv_transpose, gather_sites, random_sparse, to_dense
 from spconv.pytorch import ops
 from spconv.scn import maps
 
@@ -22,6 +22,17 @@ SHAPES = {1: [21], 2: [9, 11], 3: [7, 9, 5], 4: [5, 5, 3, 5]}
 DENSE_POOL = {"max": {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d},
               "avg": {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}}
 DENSE_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+def _pool4d(kind, x, k, s):
+    """4D max/avg pooling: 3D pooling of each slice of dimension 0, reduced over the window there."""
+    n0 = (x.shape[2] - k[0]) // s[0] + 1
+    pool = DENSE_POOL[kind][3]
+    out = []
+    for t in range(n0):
+        parts = torch.stack([pool(x[:, :, t * s[0] + r], k[1:], s[1:]) for r in range(k[0])])
+        out.append(parts.amax(0) if kind == "max" else parts.mean(0))
+    return torch.stack(out, 2)
 
 
 def scn_input(shape, batch=2, cin=3, seed=0, density=0.35):
@@ -130,7 +141,7 @@ def test_convolution_and_deconvolution(nd, k, s, groups):
     torch.testing.assert_close(f.grad, f2.grad)
     torch.testing.assert_close(conv.weight.grad, w2.grad)
 
-    if groups > 1 or nd == 4:
+    if groups > 1:
         return
     # Deconvolution back to the input sites, reusing the convolution's rulebook
     deconv = scn.Deconvolution(nd, 4, 5, k, s, False).double()
@@ -141,7 +152,7 @@ def test_convolution_and_deconvolution(nd, k, s, groups):
     g2 = g.detach().clone().requires_grad_(True)
     wd = deconv.weight.detach().clone().requires_grad_(True)
     coarse = scn.SparseToDense(nd, 4)(scn.SparseConvNetTensor(g2, out.metadata, out.spatial_size))
-    ref = DENSE_CONV_T[nd](coarse, _k(dense_t_weight(wd), ksize), None, stride)
+    ref = dense_conv_transpose(coarse, _k(dense_t_weight(wd), ksize), stride, [0] * nd, [1] * nd)
     ref = gather_sites(ref, idx)
     torch.testing.assert_close(y.features, ref)
     grad = _backward_pair(y.features, ref, 2)
@@ -176,7 +187,8 @@ def test_full_convolution(nd, k, s):
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])
-@pytest.mark.parametrize("nd,k,s", [(1, 3, 2), (2, 3, 2), (2, 2, 2), (2, (3, 2), (2, 1)), (3, 2, 2), (3, 3, 2)])
+@pytest.mark.parametrize("nd,k,s", [(1, 3, 2), (2, 3, 2), (2, 2, 2), (2, (3, 2), (2, 1)), (3, 2, 2), (3, 3, 2),
+                                    (4, (3, 2, 3, 3), (2, 1, 1, 2))])
 def test_pooling_and_unpooling(kind, nd, k, s):
     shape = SHAPES[nd]
     ksize = scn.toLongTensor(nd, k).tolist()
@@ -186,7 +198,10 @@ def test_pooling_and_unpooling(kind, nd, k, s):
     pool = (scn.MaxPooling if kind == "max" else scn.AveragePooling)(nd, k, s)
     out = pool(x)
     f2 = f.detach().clone().requires_grad_(True)
-    ref = DENSE_POOL[kind][nd](to_dense(f2, idx, shape, 2), ksize, stride)
+    if nd == 4:
+        ref = _pool4d(kind, to_dense(f2, idx, shape, 2), ksize, stride)
+    else:
+        ref = DENSE_POOL[kind][nd](to_dense(f2, idx, shape, 2), ksize, stride)
     if kind == "max":  # SparseConvNet's max pooling starts from 0
         ref = ref.clamp_min(0)
     out_dense = scn.SparseToDense(nd, 3)(out)
@@ -202,7 +217,7 @@ def test_pooling_and_unpooling(kind, nd, k, s):
     g2 = g.detach().clone().requires_grad_(True)
     coarse = scn.SparseToDense(nd, 3)(scn.SparseConvNetTensor(g2, out.metadata, out.spatial_size))
     eye = torch.eye(3, dtype=torch.float64).view(3, 3, *[1] * nd).expand(3, 3, *ksize)
-    ref = gather_sites(DENSE_CONV_T[nd](coarse, eye, None, stride, output_padding=0), idx)
+    ref = gather_sites(dense_conv_transpose(coarse, eye, stride, [0] * nd, [1] * nd), idx)
     torch.testing.assert_close(up.features, ref)
     grad = _backward_pair(up.features, ref, 3)
     (ref * grad).sum().backward()
@@ -257,6 +272,10 @@ def test_higher_dimensions_match_dense_3d(nd):
     y = subm(x)
     z = conv(y)
     w = scn.MaxPooling(nd, ksize, 1)(z)
+    deconv = scn.Deconvolution(nd, 5, 2, ksize, conv.filter_stride, False).double()
+    back = deconv(z)  # to the input sites, through the PyTorch-built rulebook in reverse
+    full = scn.FullConvolution(nd, 3, 2, [2 if k == 3 else 1 for k in ksize], 1, False).double()
+    grown = full(x)
     f2 = feats.clone().requires_grad_(True)
     d = to_dense(f2, idx3, shape3, 2)
     d = F.conv3d(d, dense_weight(subm.weight).reshape(4, 3, 3, 3, 3), padding=1)
@@ -266,9 +285,18 @@ def test_higher_dimensions_match_dense_3d(nd):
     ref = F.max_pool3d(d, 3, 1).clamp_min(0)
     got = scn.SparseToDense(nd, 5)(w).reshape(ref.shape)
     torch.testing.assert_close(got, ref)
+    ref_back = F.conv_transpose3d(d, deconv.weight[:, 0].permute(1, 2, 0).reshape(5, 2, 3, 3, 3), stride=2)
+    ref_back = gather_sites(ref_back, idx3)
+    torch.testing.assert_close(back.features, ref_back)
+    w_full = full.weight[:, 0].permute(1, 2, 0).reshape(3, 2, 2, 2, 2)
+    ref_full = F.conv_transpose3d(to_dense(f2, idx3, shape3, 2), w_full)
+    got_full = scn.SparseToDense(nd, 2)(grown).reshape(ref_full.shape)
+    torch.testing.assert_close(got_full, ref_full)
     grad = torch.randn(ref.shape, dtype=torch.float64)
-    (got * grad).sum().backward()
-    (ref * grad).sum().backward()
+    gb = torch.randn(ref_back.shape, dtype=torch.float64)
+    gf = torch.randn(ref_full.shape, dtype=torch.float64)
+    ((got * grad).sum() + (back.features * gb).sum() + (got_full * gf).sum()).backward()
+    ((ref * grad).sum() + (ref_back * gb).sum() + (ref_full * gf).sum()).backward()
     torch.testing.assert_close(f.grad, f2.grad)
 
 

@@ -30,7 +30,8 @@ MODES = (0, 1, 2, 3, 4)
 
 def _check_mode(mode):
     if mode not in MODES:
-        raise ValueError(f"mode must be 0 (unique), 1 (keep first), 2 (keep last), 3 (sum) or 4 (average), got {mode!r}")
+        raise ValueError(f"mode must be 0 (unique), 1 (keep first), 2 (keep last), 3 (sum) or 4 (average), "
+                         f"got {mode!r}")
 
 
 def _check_coords(coords: torch.Tensor, spatial_size: torch.Tensor, who: str):

@@ -13,7 +13,6 @@ numbers are kept:
 
 ``nFeaturesToDrop`` drops that many leading feature planes first.
 """
-import torch
 from torch import nn
 
 from spconv.pytorch import functional as Fsp
