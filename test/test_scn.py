@@ -319,6 +319,8 @@ def test_bad_input_errors():
         layer([torch.tensor([[1.0, 2.0]]), torch.ones(1, 1)])
     with pytest.raises(ValueError, match="negative batch"):
         layer([torch.LongTensor([[1, 2, -1]]), torch.ones(1, 1)])
+    with pytest.raises(ValueError, match="int64"):
+        scn.InputLayer(6, 2 ** 11)([torch.LongTensor([[0] * 6]), torch.ones(1, 1)])
     with pytest.raises(ValueError, match="mode must be"):
         scn.InputLayer(2, 8, mode=5)
     with pytest.raises(ValueError, match="spatial_size must be"):

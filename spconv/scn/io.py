@@ -126,6 +126,7 @@ class InputLayer(nn.Module):
         spatial, batch = _split_coords(coords, d, who)
         _check_coords(spatial, self.spatial_size, who)
         nb = max(batch_size, int(batch.max()) + 1 if batch.numel() else 1, 1)
+        _check_volume(nb, self.spatial_size, who)
         metadata = Metadata(d)
         size = self.spatial_size.clone()
         keys = maps.linear_keys(spatial, batch, size.tolist())
@@ -152,6 +153,15 @@ class InputLayer(nn.Module):
 
     def extra_repr(self):
         return f"dimension={self.dimension}, spatial_size={self.spatial_size.tolist()}, mode={self.mode}"
+
+
+def _check_volume(batch_size: int, spatial_size: torch.Tensor, who: str):
+    volume = batch_size
+    for s in spatial_size.tolist():
+        volume *= int(s)
+    if volume >= 2 ** 62:
+        raise ValueError(f"{who}: batch_size x prod(spatial_size) = {volume} does not fit the int64 site keys; "
+                         "use a smaller spatial size")
 
 
 def _split_coords(coords: torch.Tensor, d: int, who: str):
