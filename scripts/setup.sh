@@ -8,8 +8,10 @@ py=${PYTHON:-python3}
 if [[ ! -x .venv/bin/python ]]; then
   "$py" -m venv .venv
 fi
-if ! .venv/bin/python -c "import torch, numpy, pytest, hypothesis, ninja" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest hypothesis ninja setuptools wheel
+if ! .venv/bin/python -c "import torch, numpy, pytest, hypothesis, ninja, sklearn, tqdm" 2>/dev/null; then
+  # scikit-learn (its bundled UCI digits) and tqdm are for example/scn_digits.py and its test
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest hypothesis ninja setuptools wheel \
+    scikit-learn tqdm
 fi
 lib=$(ls spconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [[ -z "$lib" ]] || [[ -n "$(find src include setup.py -newer "$lib" -type f 2>/dev/null | head -n 1)" ]]; then
