@@ -1,0 +1,315 @@
+// Point cloud -> voxels on the CPU (spconv's PointToVoxel / Point2VoxelCPU semantics).
+//
+// Result, as spconv 2.3.8's CPU build gives it:
+//   - a point's cell is c_j = floor((p[ndim-1-j] - coors_range[j]) / vsize[j]) (ZYX), computed in the
+//     points' precision with float32 range/size constants (float32 points: float32 arithmetic);
+//     points with any c_j outside [0, grid_size[j]) are dropped (pc_voxel_id -1). NaN/inf
+//     coordinates are dropped as well and counted (num_invalid).
+//   - voxels are numbered in order of first appearance in the input; voxels past max_num_voxels
+//     are dropped (their points get -1).
+//   - each voxel stores its first max_num_points_per_voxel points in input order; later points
+//     still get the voxel's id in pc_voxel_id.
+//   - empty_mean fills the unused slots of a voxel with the mean of its stored points (spconv's
+//     CPU code reads a cleared buffer there and mixes in the previous voxel's mean; we do not).
+//
+// Parallel and deterministic (bitwise the same result for any thread count), in four parallel
+// regions:
+//   1. cell keys of all points (int64, row-major ZYX), and how many fall in each hash partition;
+//   2. one thread per hash partition walks the points in input order and inserts only its keys
+//      into its own open-addressing table: a cell's first point and the order of its points come
+//      out exactly as in a sequential scan, without atomics;
+//   3. a prefix count of first points over fixed chunks numbers the voxels by first appearance;
+//      each first point writes its voxel's indices, point count and zero padding;
+//   4. every stored point copies itself into its voxel slot and writes its pc_voxel_id.
+// (empty_mean adds a fifth, per voxel.) No dense grid: memory is O(points), whatever the range.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <memory>
+#include <tuple>
+#include <vector>
+
+namespace spconv {
+namespace {
+
+constexpr int kMaxDim = 4;
+
+inline uint64_t mix64(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdULL;
+  x ^= x >> 33;
+  x *= 0xc4ceb9fe1a85ec53ULL;
+  x ^= x >> 33;
+  return x;
+}
+
+struct Slot {
+  int64_t key;    // cell key, -1 when empty
+  int32_t count;  // points seen so far in this cell
+  int32_t first;  // index of the cell's first point
+};
+
+struct Meta {
+  int ndim;
+  float vsize[kMaxDim];
+  float lo[kMaxDim];
+  int64_t grid[kMaxDim];
+  int64_t stride[kMaxDim];
+};
+
+int64_t next_pow2(int64_t v) {
+  int64_t c = 16;
+  while (c < v) c <<= 1;
+  return c;
+}
+
+template <typename T>
+std::unique_ptr<T[]> uninit(int64_t n) {
+  return std::unique_ptr<T[]>(new T[static_cast<size_t>(std::max<int64_t>(n, 1))]);
+}
+
+// Which of `parts` partitions a hash belongs to.
+inline int64_t part_of(uint64_t h, int64_t parts) {
+  return static_cast<int64_t>(((h >> 32) * static_cast<uint64_t>(parts)) >> 32);
+}
+
+// Region 1: cell key of every point (-1 when dropped), points per partition; returns the number of
+// points with a non-finite coordinate. No floor needed: floor(t) is in [0, grid) exactly when t is,
+// and then floor(t) == trunc(t); NaN fails both comparisons; -0.0 gives cell 0, as floor does.
+template <typename T>
+int64_t compute_keys(const T* pts, int64_t n, int64_t f, const Meta& m, int64_t parts, int64_t* keys,
+                     std::vector<int64_t>* part_points) {
+  std::atomic<int64_t> invalid{0};
+  std::vector<std::atomic<int64_t>> counts(parts);
+  for (auto& c : counts) c.store(0);
+  at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
+    int64_t local_invalid = 0;
+    std::vector<int64_t> local(parts, 0);
+    T lo[kMaxDim], vs[kMaxDim];
+    for (int j = 0; j < m.ndim; ++j) {
+      lo[j] = static_cast<T>(m.lo[j]);  // float32 constants in the points' precision, as spconv
+      vs[j] = static_cast<T>(m.vsize[j]);
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      const T* p = pts + i * f;
+      int64_t key = 0;
+      bool ok = true, finite = true;
+      for (int j = 0; j < m.ndim; ++j) {
+        const T v = p[m.ndim - 1 - j];
+        finite &= std::isfinite(v);
+        const T t = (v - lo[j]) / vs[j];
+        ok &= t >= T(0) && static_cast<double>(t) < static_cast<double>(m.grid[j]);
+        key += ok ? static_cast<int64_t>(t) * m.stride[j] : 0;
+      }
+      keys[i] = ok ? key : -1;
+      local_invalid += !finite;
+      if (ok) ++local[parts == 1 ? 0 : part_of(mix64(key), parts)];
+    }
+    invalid.fetch_add(local_invalid, std::memory_order_relaxed);
+    for (int64_t t = 0; t < parts; ++t) counts[t].fetch_add(local[t], std::memory_order_relaxed);
+  });
+  for (int64_t t = 0; t < parts; ++t) (*part_points)[t] = counts[t].load();
+  return invalid.load();
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_voxel(
+    const at::Tensor& points_in, at::ArrayRef<double> vsize, at::IntArrayRef grid_size,
+    at::ArrayRef<double> coors_range, int64_t max_num_voxels, int64_t max_num_points_per_voxel, bool empty_mean) {
+  const int ndim = static_cast<int>(vsize.size());
+  TORCH_CHECK_VALUE(ndim >= 1 && ndim <= kMaxDim, "point_to_voxel: 1 to 4 axes are supported, got ", ndim);
+  TORCH_CHECK_VALUE(static_cast<int>(grid_size.size()) == ndim && static_cast<int>(coors_range.size()) == 2 * ndim,
+                    "point_to_voxel: grid_size needs ", ndim, " and coors_range ", 2 * ndim, " entries");
+  TORCH_CHECK_VALUE(points_in.device().is_cpu(), "point_to_voxel: points must be on the CPU, got ",
+                    points_in.device());
+  TORCH_CHECK_VALUE(points_in.scalar_type() == at::kFloat || points_in.scalar_type() == at::kDouble,
+                    "point_to_voxel: points must be float32 or float64, got ", points_in.scalar_type());
+  TORCH_CHECK_VALUE(points_in.dim() == 2 && points_in.size(1) >= ndim,
+                    "point_to_voxel: points must be [N, F] with F >= ", ndim, ", got ", points_in.sizes());
+  TORCH_CHECK_VALUE(max_num_voxels > 0 && max_num_points_per_voxel > 0,
+                    "point_to_voxel: max_num_voxels and max_num_points_per_voxel must be positive");
+  TORCH_CHECK_VALUE(points_in.size(0) < (int64_t(1) << 29), "point_to_voxel: at most 2^29 points per call");
+
+  Meta m;
+  m.ndim = ndim;
+  int64_t prod = 1;
+  for (int j = ndim - 1; j >= 0; --j) {
+    m.vsize[j] = static_cast<float>(vsize[j]);
+    m.lo[j] = static_cast<float>(coors_range[j]);
+    m.grid[j] = grid_size[j];
+    TORCH_CHECK_VALUE(m.vsize[j] > 0 && std::isfinite(m.vsize[j]) && std::isfinite(m.lo[j]),
+                      "point_to_voxel: voxel sizes must be finite and > 0, range minimums finite");
+    TORCH_CHECK_VALUE(grid_size[j] > 0 && grid_size[j] <= std::numeric_limits<int32_t>::max(),
+                      "point_to_voxel: grid_size must be in [1, 2^31-1], got ", grid_size);
+    m.stride[j] = prod;
+    TORCH_CHECK_VALUE(prod <= (std::numeric_limits<int64_t>::max() / 4) / grid_size[j],
+                      "point_to_voxel: grid ", grid_size, " has too many cells for int64 keys");
+    prod *= grid_size[j];
+  }
+
+  const at::Tensor points = points_in.contiguous();
+  const int64_t n = points.size(0), f = points.size(1);
+  const int64_t maxp = max_num_points_per_voxel;
+  // Partitions: one per thread, when there is enough work to share.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16384));
+
+  // 1. cell keys
+  auto keys = uninit<int64_t>(n);
+  std::vector<int64_t> part_points(parts);
+  const int64_t num_invalid =
+      points.scalar_type() == at::kFloat
+          ? compute_keys(points.data_ptr<float>(), n, f, m, parts, keys.get(), &part_points)
+          : compute_keys(points.data_ptr<double>(), n, f, m, parts, keys.get(), &part_points);
+
+  // 2. partitioned insertion
+  std::vector<int64_t> offset(parts + 1, 0), mask(parts);
+  for (int64_t t = 0; t < parts; ++t) {
+    // load factor <= 0.8 even if every point had its own cell; about 0.45 for LiDAR scans
+    const int64_t cap = next_pow2(part_points[t] + part_points[t] / 4 + 1);
+    mask[t] = cap - 1;
+    offset[t + 1] = offset[t] + cap;
+  }
+  TORCH_CHECK_VALUE(offset[parts] < (int64_t(1) << 31), "point_to_voxel: too many points");
+  constexpr int64_t kChunk = 32768;  // numbering chunks: fixed, so results do not depend on threads
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  auto table = uninit<Slot>(offset[parts]);
+  auto first_of = uninit<int32_t>(n);    // first point of the point's cell
+  auto pslot = uninit<int32_t>(n);       // position of the point among its cell's points
+  auto cell_count = uninit<int32_t>(n);  // for first points: the cell's number of points
+  std::vector<int64_t> chunk_new(parts * nchunks, 0);  // new cells per (partition, chunk)
+  at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
+    for (int64_t t = pbegin; t < pend; ++t) {
+      Slot* tab = table.get() + offset[t];
+      const int64_t msk = mask[t];
+      std::fill(tab, tab + msk + 1, Slot{-1, 0, 0});
+      int64_t* news = chunk_new.data() + t * nchunks;
+      constexpr int64_t kAhead = 16;
+      int64_t last_key = -1;
+      Slot* last = nullptr;
+      for (int64_t i = 0; i < n; ++i) {
+        if (i + kAhead < n && keys[i + kAhead] >= 0) {  // the table is bigger than L2: prefetch
+          const uint64_t ha = mix64(keys[i + kAhead]);
+          if (parts == 1 || part_of(ha, parts) == t) __builtin_prefetch(tab + (ha & msk), 1);
+        }
+        const int64_t key = keys[i];
+        if (key < 0) continue;
+        if (key == last_key) {  // consecutive points often share a cell
+          first_of[i] = last->first;
+          pslot[i] = last->count++;
+          cell_count[last->first] = last->count;
+          continue;
+        }
+        const uint64_t h = mix64(key);
+        if (parts > 1 && part_of(h, parts) != t) continue;
+        int64_t s = h & msk;
+        while (tab[s].key != key && tab[s].key != -1) s = (s + 1) & msk;
+        Slot& slot = tab[s];
+        if (slot.key == -1) {
+          slot.key = key;
+          slot.first = static_cast<int32_t>(i);
+          ++news[i / kChunk];
+        }
+        first_of[i] = slot.first;
+        pslot[i] = slot.count++;
+        cell_count[slot.first] = slot.count;  // the cell's first point is recent: cached
+        last_key = key;
+        last = &slot;
+      }
+    }
+  });
+
+  // 3. number the cells by first appearance; the first point of each kept voxel writes its
+  // indices, point count and the zero padding; cells past max_num_voxels get -1
+  std::vector<int64_t> chunk_start(nchunks + 1, 0);
+  for (int64_t c = 0; c < nchunks; ++c) {
+    int64_t cnt = 0;
+    for (int64_t t = 0; t < parts; ++t) cnt += chunk_new[t * nchunks + c];
+    chunk_start[c + 1] = chunk_start[c] + cnt;
+  }
+  const int64_t nvox = std::min<int64_t>(chunk_start[nchunks], max_num_voxels);
+  at::Tensor num_per_voxel = at::empty({nvox}, points.options().dtype(at::kInt));
+  at::Tensor indices = at::empty({nvox, ndim}, points.options().dtype(at::kInt));
+  at::Tensor voxels = at::empty({nvox, maxp, f}, points.options().dtype(at::kFloat));
+  at::Tensor pc_voxel_id = at::empty({n}, points.options().dtype(at::kLong));
+  int32_t* npv = num_per_voxel.data_ptr<int32_t>();
+  int32_t* idx = indices.data_ptr<int32_t>();
+  float* vox = voxels.data_ptr<float>();
+  int64_t* pvid = pc_voxel_id.data_ptr<int64_t>();
+  auto rank = uninit<int32_t>(n);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+    for (int64_t c = cbegin; c < cend; ++c) {
+      int64_t r = chunk_start[c];
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+        if (keys[i] < 0 || first_of[i] != i) continue;
+        if (r >= nvox) {
+          rank[i] = -1;
+          continue;
+        }
+        rank[i] = static_cast<int32_t>(r);
+        const int64_t num = std::min<int64_t>(cell_count[i], maxp);
+        npv[r] = static_cast<int32_t>(num);
+        uint64_t key = static_cast<uint64_t>(keys[i]);
+        for (int j = 0; j < ndim - 1; ++j) {
+          const uint64_t st = static_cast<uint64_t>(m.stride[j]);
+          const uint64_t q = ((key | st) >> 32) == 0 ? uint32_t(key) / uint32_t(st) : key / st;  // 32-bit div
+          idx[r * ndim + j] = static_cast<int32_t>(q);
+          key -= q * st;
+        }
+        idx[r * ndim + ndim - 1] = static_cast<int32_t>(key);
+        if (!empty_mean) std::fill(vox + (r * maxp + num) * f, vox + (r + 1) * maxp * f, 0.f);
+        ++r;
+      }
+    }
+  });
+
+  // 4. per point: its voxel id, and its row in the voxel when among the first maxp
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "point_to_voxel", [&] {
+    const scalar_t* pts = points.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t vid = keys[i] < 0 ? -1 : rank[first_of[i]];
+        pvid[i] = vid;
+        if (vid < 0 || pslot[i] >= maxp) continue;
+        const scalar_t* p = pts + i * f;
+        float* out = vox + (vid * maxp + pslot[i]) * f;
+        for (int64_t k = 0; k < f; ++k) out[k] = static_cast<float>(p[k]);
+      }
+    });
+  });
+
+  // 5. empty_mean: unused slots get the mean of the voxel's stored points (float32, in order)
+  if (empty_mean) {
+    at::parallel_for(0, nvox, 1024, [&](int64_t begin, int64_t end) {
+      std::vector<float> mean(f);
+      for (int64_t v = begin; v < end; ++v) {
+        const int64_t num = npv[v];  // >= 1: every voxel has its first point
+        float* out = vox + v * maxp * f;
+        std::fill(mean.begin(), mean.end(), 0.f);
+        for (int64_t s = 0; s < num; ++s) {
+          for (int64_t k = 0; k < f; ++k) mean[k] += out[s * f + k];
+        }
+        for (int64_t k = 0; k < f; ++k) mean[k] /= static_cast<float>(num);
+        for (int64_t s = num; s < maxp; ++s) std::copy(mean.begin(), mean.end(), out + s * f);
+      }
+    });
+  }
+  return {voxels, indices, num_per_voxel, pc_voxel_id, num_invalid};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(spconv, m) {
+  m.def(
+      "point_to_voxel(Tensor points, float[] vsize, int[] grid_size, float[] coors_range, int max_num_voxels, "
+      "int max_num_points_per_voxel, bool empty_mean) -> (Tensor voxels, Tensor indices, Tensor num_per_voxel, "
+      "Tensor pc_voxel_id, int num_invalid)");
+}
+
+TORCH_LIBRARY_IMPL(spconv, CPU, m) { m.impl("point_to_voxel", &point_to_voxel); }
+
+}  // namespace spconv
