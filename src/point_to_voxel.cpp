@@ -13,12 +13,13 @@
 //     CPU code reads a cleared buffer there and mixes in the previous voxel's mean; we do not).
 //
 // Parallel and deterministic (bitwise the same result for any thread count), in four parallel
-// regions:
-//   1. cell keys of all points (int64, row-major ZYX), and how many fall in each hash partition;
-//   2. one thread per hash partition walks the points in input order and inserts only its keys
-//      into its own open-addressing table: a cell's first point and the order of its points come
-//      out exactly as in a sequential scan, without atomics;
-//   3. a prefix count of first points over fixed chunks numbers the voxels by first appearance;
+// regions over fixed chunks of points:
+//   1. cell keys of all points (int64, row-major ZYX) and their hash partition (one per thread);
+//   2. one thread per partition walks the points in input order and inserts only its keys into its
+//      own open-addressing table, so a cell's first point and the order of its points come out as
+//      in a sequential scan, without atomics. Per-point results go to the partition's own
+//      arrays, in the order of its points (threads never write the same cache lines);
+//   3. a prefix count of first points over the chunks numbers the voxels by first appearance;
 //      each first point writes its voxel's indices, point count and zero padding;
 //   4. every stored point copies itself into its voxel slot and writes its pc_voxel_id.
 // (empty_mean adds a fifth, per voxel.) No dense grid: memory is O(points), whatever the range.
@@ -50,9 +51,9 @@ inline uint64_t mix64(uint64_t x) {
 }
 
 struct Slot {
-  int64_t key;    // cell key, -1 when empty
-  int32_t count;  // points seen so far in this cell
-  int32_t first;  // index of the cell's first point
+  int64_t key;       // cell key, -1 when empty
+  int32_t count;     // points seen so far in this cell
+  int32_t firstpos;  // partition position of the cell's first point
 };
 
 struct Meta {
@@ -79,42 +80,53 @@ inline int64_t part_of(uint64_t h, int64_t parts) {
   return static_cast<int64_t>(((h >> 32) * static_cast<uint64_t>(parts)) >> 32);
 }
 
-// Region 1: cell key of every point (-1 when dropped), points per partition; returns the number of
-// points with a non-finite coordinate. No floor needed: floor(t) is in [0, grid) exactly when t is,
-// and then floor(t) == trunc(t); NaN fails both comparisons; -0.0 gives cell 0, as floor does.
+constexpr int64_t kChunk = 8192;  // fixed point chunks: the numbering does not depend on threads
+
+// Region 1: cell key of every point (-1 when dropped), its partition, and points per (chunk,
+// partition); returns the number of points with a non-finite coordinate. No floor needed:
+// floor(t) is in [0, grid) exactly when t is, and then floor(t) == trunc(t); NaN fails both
+// comparisons; -0.0 gives cell 0, as floor does.
 template <typename T>
 int64_t compute_keys(const T* pts, int64_t n, int64_t f, const Meta& m, int64_t parts, int64_t* keys,
-                     std::vector<int64_t>* part_points) {
+                     uint8_t* part, int64_t* chunk_points) {
   std::atomic<int64_t> invalid{0};
-  std::vector<std::atomic<int64_t>> counts(parts);
-  for (auto& c : counts) c.store(0);
-  at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
-    int64_t local_invalid = 0;
-    std::vector<int64_t> local(parts, 0);
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
     T lo[kMaxDim], vs[kMaxDim];
     for (int j = 0; j < m.ndim; ++j) {
       lo[j] = static_cast<T>(m.lo[j]);  // float32 constants in the points' precision, as spconv
       vs[j] = static_cast<T>(m.vsize[j]);
     }
-    for (int64_t i = begin; i < end; ++i) {
-      const T* p = pts + i * f;
-      int64_t key = 0;
-      bool ok = true, finite = true;
-      for (int j = 0; j < m.ndim; ++j) {
-        const T v = p[m.ndim - 1 - j];
-        finite &= std::isfinite(v);
-        const T t = (v - lo[j]) / vs[j];
-        ok &= t >= T(0) && static_cast<double>(t) < static_cast<double>(m.grid[j]);
-        key += ok ? static_cast<int64_t>(t) * m.stride[j] : 0;
+    int64_t local_invalid = 0;
+    std::vector<int64_t> counts(parts);
+    for (int64_t c = cbegin; c < cend; ++c) {
+      std::fill(counts.begin(), counts.end(), 0);
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+        const T* p = pts + i * f;
+        int64_t key = 0;
+        bool ok = true, finite = true;
+        for (int j = 0; j < m.ndim; ++j) {
+          const T v = p[m.ndim - 1 - j];
+          finite &= std::isfinite(v);
+          const T t = (v - lo[j]) / vs[j];
+          ok &= t >= T(0) && static_cast<double>(t) < static_cast<double>(m.grid[j]);
+          key += ok ? static_cast<int64_t>(t) * m.stride[j] : 0;
+        }
+        keys[i] = ok ? key : -1;
+        local_invalid += !finite;
+        if (ok) {
+          int64_t t = 0;
+          if (parts > 1) {
+            t = part_of(mix64(key), parts);
+            part[i] = static_cast<uint8_t>(t);
+          }
+          ++counts[t];
+        }
       }
-      keys[i] = ok ? key : -1;
-      local_invalid += !finite;
-      if (ok) ++local[parts == 1 ? 0 : part_of(mix64(key), parts)];
+      std::copy(counts.begin(), counts.end(), chunk_points + c * parts);
     }
     invalid.fetch_add(local_invalid, std::memory_order_relaxed);
-    for (int64_t t = 0; t < parts; ++t) counts[t].fetch_add(local[t], std::memory_order_relaxed);
   });
-  for (int64_t t = 0; t < parts; ++t) (*part_points)[t] = counts[t].load();
   return invalid.load();
 }
 
@@ -155,80 +167,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
   const at::Tensor points = points_in.contiguous();
   const int64_t n = points.size(0), f = points.size(1);
   const int64_t maxp = max_num_points_per_voxel;
-  // Partitions: one per thread, when there is enough work to share.
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16384));
+  const int64_t nchunks = (n + kChunk - 1) / kChunk;
+  // Partitions: one per thread when there is enough work to share (at most 255: ids are bytes).
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), n / 16384, 255}));
 
-  // 1. cell keys
+  // 1. cell keys and partitions
   auto keys = uninit<int64_t>(n);
-  std::vector<int64_t> part_points(parts);
+  auto part = uninit<uint8_t>(parts > 1 ? n : 1);
+  std::vector<int64_t> chunk_points(nchunks * parts, 0);  // valid points per (chunk, partition)
   const int64_t num_invalid =
       points.scalar_type() == at::kFloat
-          ? compute_keys(points.data_ptr<float>(), n, f, m, parts, keys.get(), &part_points)
-          : compute_keys(points.data_ptr<double>(), n, f, m, parts, keys.get(), &part_points);
+          ? compute_keys(points.data_ptr<float>(), n, f, m, parts, keys.get(), part.get(), chunk_points.data())
+          : compute_keys(points.data_ptr<double>(), n, f, m, parts, keys.get(), part.get(), chunk_points.data());
+  auto part_at = [&](int64_t i) -> int64_t { return parts == 1 ? 0 : part[i]; };
+
+  // Positions: partition t's points occupy [pos_begin[t], pos_begin[t+1]) of the per-point arrays,
+  // in input order; chunk c's points of partition t start at chunk_pos[c * parts + t].
+  std::vector<int64_t> pos_begin(parts + 1, 0), chunk_pos(nchunks * parts);
+  for (int64_t t = 0; t < parts; ++t) {
+    int64_t total = 0;
+    for (int64_t c = 0; c < nchunks; ++c) total += chunk_points[c * parts + t];
+    pos_begin[t + 1] = pos_begin[t] + total;
+  }
+  for (int64_t t = 0; t < parts; ++t) {
+    int64_t pos = pos_begin[t];
+    for (int64_t c = 0; c < nchunks; ++c) {
+      chunk_pos[c * parts + t] = pos;
+      pos += chunk_points[c * parts + t];
+    }
+  }
+  const int64_t nvalid = pos_begin[parts];
 
   // 2. partitioned insertion
   std::vector<int64_t> offset(parts + 1, 0), mask(parts);
   for (int64_t t = 0; t < parts; ++t) {
     // load factor <= 0.8 even if every point had its own cell; about 0.45 for LiDAR scans
-    const int64_t cap = next_pow2(part_points[t] + part_points[t] / 4 + 1);
+    const int64_t np = pos_begin[t + 1] - pos_begin[t];
+    const int64_t cap = next_pow2(np + np / 4 + 1);
     mask[t] = cap - 1;
     offset[t + 1] = offset[t] + cap;
   }
-  TORCH_CHECK_VALUE(offset[parts] < (int64_t(1) << 31), "point_to_voxel: too many points");
-  constexpr int64_t kChunk = 32768;  // numbering chunks: fixed, so results do not depend on threads
-  const int64_t nchunks = (n + kChunk - 1) / kChunk;
   auto table = uninit<Slot>(offset[parts]);
-  auto first_of = uninit<int32_t>(n);    // first point of the point's cell
-  auto pslot = uninit<int32_t>(n);       // position of the point among its cell's points
-  auto cell_count = uninit<int32_t>(n);  // for first points: the cell's number of points
-  std::vector<int64_t> chunk_new(parts * nchunks, 0);  // new cells per (partition, chunk)
+  auto pslot = uninit<int32_t>(nvalid);       // position of the point among its cell's points
+  auto firstpos = uninit<int32_t>(nvalid);    // position of the cell's first point
+  auto cell_count = uninit<int32_t>(nvalid);  // at first points: the cell's number of points
+  auto rank = uninit<int32_t>(nvalid);        // at first points: voxel row, -1 past the cap
+  std::vector<int64_t> chunk_new(nchunks * parts, 0);  // new cells per (chunk, partition)
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     for (int64_t t = pbegin; t < pend; ++t) {
       Slot* tab = table.get() + offset[t];
       const int64_t msk = mask[t];
       std::fill(tab, tab + msk + 1, Slot{-1, 0, 0});
-      int64_t* news = chunk_new.data() + t * nchunks;
       constexpr int64_t kAhead = 16;
+      std::vector<int64_t> news(nchunks, 0);  // new cells per chunk (thread-local: no false sharing)
+      int64_t pos = pos_begin[t];
       int64_t last_key = -1;
       Slot* last = nullptr;
       for (int64_t i = 0; i < n; ++i) {
-        if (i + kAhead < n && keys[i + kAhead] >= 0) {  // the table is bigger than L2: prefetch
-          const uint64_t ha = mix64(keys[i + kAhead]);
-          if (parts == 1 || part_of(ha, parts) == t) __builtin_prefetch(tab + (ha & msk), 1);
-        }
+        const int64_t ia = i + kAhead;  // the table is bigger than L2: prefetch
+        if (ia < n && keys[ia] >= 0 && part_at(ia) == t) __builtin_prefetch(tab + (mix64(keys[ia]) & msk), 1);
         const int64_t key = keys[i];
-        if (key < 0) continue;
-        if (key == last_key) {  // consecutive points often share a cell
-          first_of[i] = last->first;
-          pslot[i] = last->count++;
-          cell_count[last->first] = last->count;
-          continue;
+        if (key < 0 || part_at(i) != t) continue;
+        Slot* slot = last;
+        if (key != last_key) {  // consecutive points often share a cell
+          int64_t s = mix64(key) & msk;
+          while (tab[s].key != key && tab[s].key != -1) s = (s + 1) & msk;
+          slot = tab + s;
+          if (slot->key == -1) {
+            slot->key = key;
+            slot->firstpos = static_cast<int32_t>(pos);
+            ++news[i / kChunk];
+          }
+          last_key = key;
+          last = slot;
         }
-        const uint64_t h = mix64(key);
-        if (parts > 1 && part_of(h, parts) != t) continue;
-        int64_t s = h & msk;
-        while (tab[s].key != key && tab[s].key != -1) s = (s + 1) & msk;
-        Slot& slot = tab[s];
-        if (slot.key == -1) {
-          slot.key = key;
-          slot.first = static_cast<int32_t>(i);
-          ++news[i / kChunk];
-        }
-        first_of[i] = slot.first;
-        pslot[i] = slot.count++;
-        cell_count[slot.first] = slot.count;  // the cell's first point is recent: cached
-        last_key = key;
-        last = &slot;
+        pslot[pos] = slot->count++;
+        firstpos[pos] = slot->firstpos;
+        cell_count[slot->firstpos] = slot->count;  // the cell's first point is recent: cached
+        ++pos;
       }
+      for (int64_t c = 0; c < nchunks; ++c) chunk_new[c * parts + t] = news[c];
     }
   });
 
   // 3. number the cells by first appearance; the first point of each kept voxel writes its
-  // indices, point count and the zero padding; cells past max_num_voxels get -1
+  // indices, point count and the zero padding
   std::vector<int64_t> chunk_start(nchunks + 1, 0);
   for (int64_t c = 0; c < nchunks; ++c) {
     int64_t cnt = 0;
-    for (int64_t t = 0; t < parts; ++t) cnt += chunk_new[t * nchunks + c];
+    for (int64_t t = 0; t < parts; ++t) cnt += chunk_new[c * parts + t];
     chunk_start[c + 1] = chunk_start[c] + cnt;
   }
   const int64_t nvox = std::min<int64_t>(chunk_start[nchunks], max_num_voxels);
@@ -240,18 +267,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
   int32_t* idx = indices.data_ptr<int32_t>();
   float* vox = voxels.data_ptr<float>();
   int64_t* pvid = pc_voxel_id.data_ptr<int64_t>();
-  auto rank = uninit<int32_t>(n);
   at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+    std::vector<int64_t> ctr(parts);
     for (int64_t c = cbegin; c < cend; ++c) {
+      std::copy(chunk_pos.begin() + c * parts, chunk_pos.begin() + (c + 1) * parts, ctr.begin());
       int64_t r = chunk_start[c];
       for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-        if (keys[i] < 0 || first_of[i] != i) continue;
+        if (keys[i] < 0) continue;
+        const int64_t pos = ctr[part_at(i)]++;
+        if (pslot[pos] != 0) continue;
         if (r >= nvox) {
-          rank[i] = -1;
+          rank[pos] = -1;
           continue;
         }
-        rank[i] = static_cast<int32_t>(r);
-        const int64_t num = std::min<int64_t>(cell_count[i], maxp);
+        rank[pos] = static_cast<int32_t>(r);
+        const int64_t num = std::min<int64_t>(cell_count[pos], maxp);
         npv[r] = static_cast<int32_t>(num);
         uint64_t key = static_cast<uint64_t>(keys[i]);
         for (int j = 0; j < ndim - 1; ++j) {
@@ -270,14 +300,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
   // 4. per point: its voxel id, and its row in the voxel when among the first maxp
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "point_to_voxel", [&] {
     const scalar_t* pts = points.data_ptr<scalar_t>();
-    at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t vid = keys[i] < 0 ? -1 : rank[first_of[i]];
-        pvid[i] = vid;
-        if (vid < 0 || pslot[i] >= maxp) continue;
-        const scalar_t* p = pts + i * f;
-        float* out = vox + (vid * maxp + pslot[i]) * f;
-        for (int64_t k = 0; k < f; ++k) out[k] = static_cast<float>(p[k]);
+    at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+      std::vector<int64_t> ctr(parts);
+      for (int64_t c = cbegin; c < cend; ++c) {
+        std::copy(chunk_pos.begin() + c * parts, chunk_pos.begin() + (c + 1) * parts, ctr.begin());
+        for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+          if (keys[i] < 0) {
+            pvid[i] = -1;
+            continue;
+          }
+          const int64_t pos = ctr[part_at(i)]++;
+          const int64_t vid = rank[firstpos[pos]];
+          pvid[i] = vid;
+          if (vid < 0 || pslot[pos] >= maxp) continue;
+          const scalar_t* p = pts + i * f;
+          float* out = vox + (vid * maxp + pslot[pos]) * f;
+          for (int64_t k = 0; k < f; ++k) out[k] = static_cast<float>(p[k]);
+        }
       }
     });
   });

@@ -261,21 +261,34 @@ def test_empty_mean_real_scan_and_call_api():
     assert torch.equal(voxels[one], voxels[one, :1].expand(5, 4))
 
 
-def test_deterministic_over_threads():
-    points = load_scan("waymo")
-    pts = torch.from_numpy(np.concatenate([points, points[::3] + 0.01]))
-    gen = PointToVoxel(*SCANS["waymo"][:2], 3, 150000, 5)
+@pytest.mark.parametrize("source", ["generated", "waymo"])
+def test_deterministic_over_threads(source):
+    # 1-4 threads split the insertion into 1-4 hash partitions: results must be bitwise the same
+    if source == "waymo":
+        pts = load_scan("waymo")
+        pts = np.concatenate([pts, pts[::3] + 0.01])
+        vsize, rng = SCANS["waymo"][:2]
+    else:
+        g = np.random.default_rng(5)
+        pts = g.uniform(-20, 20, size=(120000, 3)).astype(np.float32)
+        pts = np.concatenate([pts, pts[::2] + 0.05, pts[:5000]])
+        vsize, rng = [0.5, 0.5, 0.5], [-15, -15, -15, 15, 15, 15]
+    pts = torch.from_numpy(pts)
     old = torch.get_num_threads()
     try:
         results = []
-        for threads in [1, 2, 3]:
+        for threads in [1, 2, 3, 4]:
             torch.set_num_threads(threads)
-            results.append(gen.generate_voxel_with_id(pts, empty_mean=True))
+            for max_voxels in [10 ** 6, 20000]:
+                gen = PointToVoxel(vsize, rng, 3, max_voxels, 5)
+                results.append((max_voxels, gen.generate_voxel_with_id(pts, empty_mean=True)))
     finally:
         torch.set_num_threads(old)
-    for r in results[1:]:
-        for a, b in zip(results[0], r):
+    for max_voxels, r in results[2:]:
+        ref = results[0][1] if max_voxels == 10 ** 6 else results[1][1]
+        for a, b in zip(ref, r):
             assert torch.equal(a, b)
+    check_against_numpy(pts.numpy(), vsize, rng, 20000, 5)
 
 
 def test_non_contiguous_and_numpy_input():
