@@ -12,17 +12,18 @@
 //   - empty_mean fills the unused slots of a voxel with the mean of its stored points (spconv's
 //     CPU code reads a cleared buffer there and mixes in the previous voxel's mean; we do not).
 //
-// Parallel and deterministic (bitwise the same result for any thread count), in four parallel
-// regions over fixed chunks of points:
+// Parallel and deterministic (bitwise the same result for any thread count), in parallel regions
+// over fixed chunks of points:
 //   1. cell keys of all points (int64, row-major ZYX) and their hash partition (one per thread);
-//   2. one thread per partition walks the points in input order and inserts only its keys into its
-//      own open-addressing table, so a cell's first point and the order of its points come out as
-//      in a sequential scan, without atomics. Per-point results go to the partition's own
-//      arrays, in the order of its points (threads never write the same cache lines);
+//      then each partition's keys are gathered, in input order, into its own range of
+//      "positions" (per-point arrays are indexed by position, so threads never share cache lines);
+//   2. one thread per partition inserts its keys, in input order, into its own open-addressing
+//      table: a cell's first point and the order of its points come out as in a sequential scan,
+//      without atomics;
 //   3. a prefix count of first points over the chunks numbers the voxels by first appearance;
 //      each first point writes its voxel's indices, point count and zero padding;
 //   4. every stored point copies itself into its voxel slot and writes its pc_voxel_id.
-// (empty_mean adds a fifth, per voxel.) No dense grid: memory is O(points), whatever the range.
+// (empty_mean adds one more, per voxel.) No dense grid: memory is O(points), whatever the range.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -213,21 +214,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
   auto cell_count = uninit<int32_t>(nvalid);  // at first points: the cell's number of points
   auto rank = uninit<int32_t>(nvalid);        // at first points: voxel row, -1 past the cap
   std::vector<int64_t> chunk_new(nchunks * parts, 0);  // new cells per (chunk, partition)
+  // keys in position order: each partition's keys, in input order, side by side
+  auto pkey = uninit<int64_t>(nvalid);
+  at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
+    std::vector<int64_t> ctr(parts);
+    for (int64_t c = cbegin; c < cend; ++c) {
+      std::copy(chunk_pos.begin() + c * parts, chunk_pos.begin() + (c + 1) * parts, ctr.begin());
+      for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+        if (keys[i] >= 0) pkey[ctr[part_at(i)]++] = keys[i];
+      }
+    }
+  });
   at::parallel_for(0, parts, 1, [&](int64_t pbegin, int64_t pend) {
     for (int64_t t = pbegin; t < pend; ++t) {
       Slot* tab = table.get() + offset[t];
       const int64_t msk = mask[t];
       std::fill(tab, tab + msk + 1, Slot{-1, 0, 0});
-      constexpr int64_t kAhead = 16;
       std::vector<int64_t> news(nchunks, 0);  // new cells per chunk (thread-local: no false sharing)
-      int64_t pos = pos_begin[t];
+      constexpr int64_t kAhead = 16;
+      const int64_t end = pos_begin[t + 1];
+      int64_t c = 0;  // chunk of the current point
+      auto chunk_end = [&](int64_t cc) { return cc + 1 < nchunks ? chunk_pos[(cc + 1) * parts + t] : end; };
+      int64_t next = chunk_end(0);
       int64_t last_key = -1;
       Slot* last = nullptr;
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t ia = i + kAhead;  // the table is bigger than L2: prefetch
-        if (ia < n && keys[ia] >= 0 && part_at(ia) == t) __builtin_prefetch(tab + (mix64(keys[ia]) & msk), 1);
-        const int64_t key = keys[i];
-        if (key < 0 || part_at(i) != t) continue;
+      for (int64_t pos = pos_begin[t]; pos < end; ++pos) {
+        while (pos >= next) next = chunk_end(++c);
+        if (pos + kAhead < end) __builtin_prefetch(tab + (mix64(pkey[pos + kAhead]) & msk), 1);  // table > L2
+        const int64_t key = pkey[pos];
         Slot* slot = last;
         if (key != last_key) {  // consecutive points often share a cell
           int64_t s = mix64(key) & msk;
@@ -236,7 +250,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
           if (slot->key == -1) {
             slot->key = key;
             slot->firstpos = static_cast<int32_t>(pos);
-            ++news[i / kChunk];
+            ++news[c];
           }
           last_key = key;
           last = slot;
@@ -244,9 +258,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
         pslot[pos] = slot->count++;
         firstpos[pos] = slot->firstpos;
         cell_count[slot->firstpos] = slot->count;  // the cell's first point is recent: cached
-        ++pos;
       }
-      for (int64_t c = 0; c < nchunks; ++c) chunk_new[c * parts + t] = news[c];
+      for (int64_t cc = 0; cc < nchunks; ++cc) chunk_new[cc * parts + t] = news[cc];
     }
   });
 

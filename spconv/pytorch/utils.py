@@ -57,7 +57,7 @@ def calc_point2voxel_meta_data(vsize_xyz: Sequence[float], coors_range_xyz: Sequ
     volume = 1
     for g in grid_size:
         volume *= g
-    if volume >= 2 ** 62:
+    if volume >= 2 ** 61:
         raise ValueError(f"grid {grid_size} has {volume} cells, too many for int64 voxel keys: use larger voxels "
                          "or a smaller coors_range_xyz")
     grid_stride = [1] * ndim
