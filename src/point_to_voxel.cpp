@@ -12,7 +12,11 @@
 //   - empty_mean fills the unused slots of a voxel with the mean of its stored points (spconv's
 //     CPU code reads a cleared buffer there and mixes in the previous voxel's mean; we do not).
 //
-// Parallel and deterministic (bitwise the same result for any thread count), in parallel regions
+// Up to two threads, or fewer than 32768 points: a single scan does what spconv's loop does, with
+// an int64-keyed hash in place of its dense grid (numbering voxels as they first appear), then the
+// outputs are filled in parallel.
+//
+// Three or more threads: parallel and deterministic (bitwise the result of the scan), in regions
 // over fixed chunks of points:
 //   1. cell keys of all points (int64, row-major ZYX) and their hash partition (one per thread);
 //      then each partition's keys are gathered, in input order, into its own range of
@@ -54,7 +58,7 @@ inline uint64_t mix64(uint64_t x) {
 struct Slot {
   int64_t key;       // cell key, -1 when empty
   int32_t count;     // points seen so far in this cell
-  int32_t firstpos;  // partition position of the cell's first point
+  int32_t aux;       // partitioned: position of the cell's first point; serial: voxel id (-1: over the cap)
 };
 
 struct Meta {
@@ -83,10 +87,45 @@ inline int64_t part_of(uint64_t h, int64_t parts) {
 
 constexpr int64_t kChunk = 8192;  // fixed point chunks: the numbering does not depend on threads
 
-// Region 1: cell key of every point (-1 when dropped), its partition, and points per (chunk,
-// partition); returns the number of points with a non-finite coordinate. No floor needed:
-// floor(t) is in [0, grid) exactly when t is, and then floor(t) == trunc(t); NaN fails both
-// comparisons; -0.0 gives cell 0, as floor does.
+// Cell key of a point, -1 when it is dropped. No floor needed: floor(t) is in [0, grid) exactly when
+// t is, and then floor(t) == trunc(t); NaN fails both comparisons; -0.0 gives cell 0, as floor
+// does. lo/vs are the float32 constants in the points' precision T, as spconv computes.
+template <typename T>
+inline int64_t cell_key(const T* p, const Meta& m, const T* lo, const T* vs, bool* finite) {
+  int64_t key = 0;
+  bool ok = true, fin = true;
+  for (int j = 0; j < m.ndim; ++j) {
+    const T v = p[m.ndim - 1 - j];
+    fin &= std::isfinite(v);
+    const T t = (v - lo[j]) / vs[j];
+    ok &= t >= T(0) && static_cast<double>(t) < static_cast<double>(m.grid[j]);
+    key += ok ? static_cast<int64_t>(t) * m.stride[j] : 0;
+  }
+  *finite = fin;
+  return ok ? key : -1;
+}
+
+template <typename T>
+void constants(const Meta& m, T* lo, T* vs) {
+  for (int j = 0; j < m.ndim; ++j) {
+    lo[j] = static_cast<T>(m.lo[j]);
+    vs[j] = static_cast<T>(m.vsize[j]);
+  }
+}
+
+// Voxel indices (ZYX) of a key.
+inline void decode_key(uint64_t key, const Meta& m, int32_t* out) {
+  for (int j = 0; j < m.ndim - 1; ++j) {
+    const uint64_t st = static_cast<uint64_t>(m.stride[j]);
+    const uint64_t q = ((key | st) >> 32) == 0 ? uint32_t(key) / uint32_t(st) : key / st;  // 32-bit div
+    out[j] = static_cast<int32_t>(q);
+    key -= q * st;
+  }
+  out[m.ndim - 1] = static_cast<int32_t>(key);
+}
+
+// Region 1 of the partitioned path: cell key of every point (-1 when dropped), its partition, and
+// points per (chunk, partition); returns the number of points with a non-finite coordinate.
 template <typename T>
 int64_t compute_keys(const T* pts, int64_t n, int64_t f, const Meta& m, int64_t parts, int64_t* keys,
                      uint8_t* part, int64_t* chunk_points) {
@@ -94,28 +133,17 @@ int64_t compute_keys(const T* pts, int64_t n, int64_t f, const Meta& m, int64_t 
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
   at::parallel_for(0, nchunks, 1, [&](int64_t cbegin, int64_t cend) {
     T lo[kMaxDim], vs[kMaxDim];
-    for (int j = 0; j < m.ndim; ++j) {
-      lo[j] = static_cast<T>(m.lo[j]);  // float32 constants in the points' precision, as spconv
-      vs[j] = static_cast<T>(m.vsize[j]);
-    }
+    constants(m, lo, vs);
     int64_t local_invalid = 0;
     std::vector<int64_t> counts(parts);
     for (int64_t c = cbegin; c < cend; ++c) {
       std::fill(counts.begin(), counts.end(), 0);
       for (int64_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-        const T* p = pts + i * f;
-        int64_t key = 0;
-        bool ok = true, finite = true;
-        for (int j = 0; j < m.ndim; ++j) {
-          const T v = p[m.ndim - 1 - j];
-          finite &= std::isfinite(v);
-          const T t = (v - lo[j]) / vs[j];
-          ok &= t >= T(0) && static_cast<double>(t) < static_cast<double>(m.grid[j]);
-          key += ok ? static_cast<int64_t>(t) * m.stride[j] : 0;
-        }
-        keys[i] = ok ? key : -1;
+        bool finite;
+        const int64_t key = cell_key(pts + i * f, m, lo, vs, &finite);
+        keys[i] = key;
         local_invalid += !finite;
-        if (ok) {
+        if (key >= 0) {
           int64_t t = 0;
           if (parts > 1) {
             t = part_of(mix64(key), parts);
@@ -131,46 +159,68 @@ int64_t compute_keys(const T* pts, int64_t n, int64_t f, const Meta& m, int64_t 
   return invalid.load();
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_voxel(
-    const at::Tensor& points_in, at::ArrayRef<double> vsize, at::IntArrayRef grid_size,
-    at::ArrayRef<double> coors_range, int64_t max_num_voxels, int64_t max_num_points_per_voxel, bool empty_mean) {
-  const int ndim = static_cast<int>(vsize.size());
-  TORCH_CHECK_VALUE(ndim >= 1 && ndim <= kMaxDim, "point_to_voxel: 1 to 4 axes are supported, got ", ndim);
-  TORCH_CHECK_VALUE(static_cast<int>(grid_size.size()) == ndim && static_cast<int>(coors_range.size()) == 2 * ndim,
-                    "point_to_voxel: grid_size needs ", ndim, " and coors_range ", 2 * ndim, " entries");
-  TORCH_CHECK_VALUE(points_in.device().is_cpu(), "point_to_voxel: points must be on the CPU, got ",
-                    points_in.device());
-  TORCH_CHECK_VALUE(points_in.scalar_type() == at::kFloat || points_in.scalar_type() == at::kDouble,
-                    "point_to_voxel: points must be float32 or float64, got ", points_in.scalar_type());
-  TORCH_CHECK_VALUE(points_in.dim() == 2 && points_in.size(1) >= ndim,
-                    "point_to_voxel: points must be [N, F] with F >= ", ndim, ", got ", points_in.sizes());
-  TORCH_CHECK_VALUE(max_num_voxels > 0 && max_num_points_per_voxel > 0,
-                    "point_to_voxel: max_num_voxels and max_num_points_per_voxel must be positive");
-  TORCH_CHECK_VALUE(points_in.size(0) < (int64_t(1) << 29), "point_to_voxel: at most 2^29 points per call");
-
-  Meta m;
-  m.ndim = ndim;
-  int64_t prod = 1;
-  for (int j = ndim - 1; j >= 0; --j) {
-    m.vsize[j] = static_cast<float>(vsize[j]);
-    m.lo[j] = static_cast<float>(coors_range[j]);
-    m.grid[j] = grid_size[j];
-    TORCH_CHECK_VALUE(m.vsize[j] > 0 && std::isfinite(m.vsize[j]) && std::isfinite(m.lo[j]),
-                      "point_to_voxel: voxel sizes must be finite and > 0, range minimums finite");
-    TORCH_CHECK_VALUE(grid_size[j] > 0 && grid_size[j] <= std::numeric_limits<int32_t>::max(),
-                      "point_to_voxel: grid_size must be in [1, 2^31-1], got ", grid_size);
-    m.stride[j] = prod;
-    TORCH_CHECK_VALUE(prod <= (std::numeric_limits<int64_t>::max() / 4) / grid_size[j],
-                      "point_to_voxel: grid ", grid_size, " has too many cells for int64 keys");
-    prod *= grid_size[j];
+// The serial scan (spconv's loop with a hash): pc_voxel_id and the in-voxel slot of every point,
+// the key and point count of every voxel; returns (number of voxels, non-finite points).
+template <typename T>
+std::pair<int64_t, int64_t> serial_scan(const T* pts, int64_t n, int64_t f, const Meta& m, int64_t max_voxels,
+                                        int64_t* pvid, int32_t* pslot, int64_t* vkey, int32_t* vcount) {
+  const int64_t cap = next_pow2(n + n / 4 + 1);  // load factor <= 0.8
+  const int64_t msk = cap - 1;
+  auto tab = uninit<Slot>(cap);
+  std::fill(tab.get(), tab.get() + cap, Slot{-1, 0, -1});
+  T lo[kMaxDim], vs[kMaxDim];
+  constants(m, lo, vs);
+  constexpr int64_t kBlock = 256, kAhead = 16;
+  int64_t bkeys[kBlock];
+  int64_t nvox = 0, invalid = 0, last_key = -1;
+  Slot* last = nullptr;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t bn = std::min(kBlock, n - b);
+    for (int64_t j = 0; j < bn; ++j) {
+      bool finite;
+      bkeys[j] = cell_key(pts + (b + j) * f, m, lo, vs, &finite);
+      invalid += !finite;
+    }
+    for (int64_t j = 0; j < bn; ++j) {
+      if (j + kAhead < bn && bkeys[j + kAhead] >= 0) {  // the table is bigger than L2: prefetch
+        __builtin_prefetch(tab.get() + (mix64(bkeys[j + kAhead]) & msk), 1);
+      }
+      const int64_t key = bkeys[j], i = b + j;
+      if (key < 0) {
+        pvid[i] = -1;
+        continue;
+      }
+      if (key != last_key) {  // consecutive points often share a cell
+        int64_t s = mix64(key) & msk;
+        while (tab[s].key != key && tab[s].key != -1) s = (s + 1) & msk;
+        last = tab.get() + s;
+        last_key = key;
+        if (last->key == -1) {
+          last->key = key;
+          if (nvox < max_voxels) {
+            last->aux = static_cast<int32_t>(nvox);
+            vkey[nvox] = key;
+            vcount[nvox] = 0;
+            ++nvox;
+          }
+        }
+      }
+      const int32_t vid = last->aux;
+      pvid[i] = vid;
+      if (vid >= 0) pslot[i] = vcount[vid]++;
+    }
   }
+  return {nvox, invalid};
+}
 
-  const at::Tensor points = points_in.contiguous();
+using Result = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t>;
+
+// The partitioned path (several threads): see the top of the file.
+Result partitioned_path(const at::Tensor& points, const Meta& m, int64_t max_num_voxels, int64_t maxp,
+                        bool empty_mean, int64_t parts) {
   const int64_t n = points.size(0), f = points.size(1);
-  const int64_t maxp = max_num_points_per_voxel;
+  const int ndim = m.ndim;
   const int64_t nchunks = (n + kChunk - 1) / kChunk;
-  // Partitions: one per thread when there is enough work to share (at most 255: ids are bytes).
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>({at::get_num_threads(), n / 16384, 255}));
 
   // 1. cell keys and partitions
   auto keys = uninit<int64_t>(n);
@@ -249,15 +299,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
           slot = tab + s;
           if (slot->key == -1) {
             slot->key = key;
-            slot->firstpos = static_cast<int32_t>(pos);
+            slot->aux = static_cast<int32_t>(pos);
             ++news[c];
           }
           last_key = key;
           last = slot;
         }
         pslot[pos] = slot->count++;
-        firstpos[pos] = slot->firstpos;
-        cell_count[slot->firstpos] = slot->count;  // the cell's first point is recent: cached
+        firstpos[pos] = slot->aux;
+        cell_count[slot->aux] = slot->count;  // the cell's first point is recent: cached
       }
       for (int64_t cc = 0; cc < nchunks; ++cc) chunk_new[cc * parts + t] = news[cc];
     }
@@ -296,14 +346,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
         rank[pos] = static_cast<int32_t>(r);
         const int64_t num = std::min<int64_t>(cell_count[pos], maxp);
         npv[r] = static_cast<int32_t>(num);
-        uint64_t key = static_cast<uint64_t>(keys[i]);
-        for (int j = 0; j < ndim - 1; ++j) {
-          const uint64_t st = static_cast<uint64_t>(m.stride[j]);
-          const uint64_t q = ((key | st) >> 32) == 0 ? uint32_t(key) / uint32_t(st) : key / st;  // 32-bit div
-          idx[r * ndim + j] = static_cast<int32_t>(q);
-          key -= q * st;
-        }
-        idx[r * ndim + ndim - 1] = static_cast<int32_t>(key);
+        decode_key(static_cast<uint64_t>(keys[i]), m, idx + r * ndim);
         if (!empty_mean) std::fill(vox + (r * maxp + num) * f, vox + (r + 1) * maxp * f, 0.f);
         ++r;
       }
@@ -334,23 +377,123 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, int64_t> point_to_vox
     });
   });
 
-  // 5. empty_mean: unused slots get the mean of the voxel's stored points (float32, in order)
-  if (empty_mean) {
-    at::parallel_for(0, nvox, 1024, [&](int64_t begin, int64_t end) {
-      std::vector<float> mean(f);
-      for (int64_t v = begin; v < end; ++v) {
-        const int64_t num = npv[v];  // >= 1: every voxel has its first point
-        float* out = vox + v * maxp * f;
-        std::fill(mean.begin(), mean.end(), 0.f);
-        for (int64_t s = 0; s < num; ++s) {
-          for (int64_t k = 0; k < f; ++k) mean[k] += out[s * f + k];
-        }
-        for (int64_t k = 0; k < f; ++k) mean[k] /= static_cast<float>(num);
-        for (int64_t s = num; s < maxp; ++s) std::copy(mean.begin(), mean.end(), out + s * f);
+  return {voxels, indices, num_per_voxel, pc_voxel_id, num_invalid};
+}
+
+// The serial path: one scan, then the outputs in parallel.
+Result serial_path(const at::Tensor& points, const Meta& m, int64_t max_num_voxels, int64_t maxp,
+                   bool empty_mean) {
+  const int64_t n = points.size(0), f = points.size(1);
+  const int ndim = m.ndim;
+  at::Tensor pc_voxel_id = at::empty({n}, points.options().dtype(at::kLong));
+  int64_t* pvid = pc_voxel_id.data_ptr<int64_t>();
+  auto pslot = uninit<int32_t>(n);
+  const int64_t vcap = std::min(n, max_num_voxels);
+  auto vkey = uninit<int64_t>(vcap);
+  auto vcount = uninit<int32_t>(vcap);
+  const std::pair<int64_t, int64_t> scanned =
+      points.scalar_type() == at::kFloat
+          ? serial_scan(points.data_ptr<float>(), n, f, m, max_num_voxels, pvid, pslot.get(), vkey.get(), vcount.get())
+          : serial_scan(points.data_ptr<double>(), n, f, m, max_num_voxels, pvid, pslot.get(), vkey.get(),
+                        vcount.get());
+  const int64_t nvox = scanned.first;
+  at::Tensor num_per_voxel = at::empty({nvox}, points.options().dtype(at::kInt));
+  at::Tensor indices = at::empty({nvox, ndim}, points.options().dtype(at::kInt));
+  at::Tensor voxels = at::empty({nvox, maxp, f}, points.options().dtype(at::kFloat));
+  int32_t* npv = num_per_voxel.data_ptr<int32_t>();
+  int32_t* idx = indices.data_ptr<int32_t>();
+  float* vox = voxels.data_ptr<float>();
+  at::parallel_for(0, nvox, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t v = begin; v < end; ++v) {
+      const int64_t num = std::min<int64_t>(vcount[v], maxp);
+      npv[v] = static_cast<int32_t>(num);
+      decode_key(static_cast<uint64_t>(vkey[v]), m, idx + v * ndim);
+      if (!empty_mean) std::fill(vox + (v * maxp + num) * f, vox + (v + 1) * maxp * f, 0.f);
+    }
+  });
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "point_to_voxel", [&] {
+    const scalar_t* pts = points.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 8192, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t vid = pvid[i];
+        if (vid < 0 || pslot[i] >= maxp) continue;
+        const scalar_t* p = pts + i * f;
+        float* out = vox + (vid * maxp + pslot[i]) * f;
+        for (int64_t k = 0; k < f; ++k) out[k] = static_cast<float>(p[k]);
       }
     });
+  });
+  return {voxels, indices, num_per_voxel, pc_voxel_id, scanned.second};
+}
+
+// empty_mean: unused slots get the mean of the voxel's stored points (float32, in order).
+void fill_mean(at::Tensor& voxels, const at::Tensor& num_per_voxel) {
+  const int64_t nvox = voxels.size(0), maxp = voxels.size(1), f = voxels.size(2);
+  float* vox = voxels.data_ptr<float>();
+  const int32_t* npv = num_per_voxel.data_ptr<int32_t>();
+  at::parallel_for(0, nvox, 1024, [&](int64_t begin, int64_t end) {
+    std::vector<float> mean(f);
+    for (int64_t v = begin; v < end; ++v) {
+      const int64_t num = npv[v];  // >= 1: every voxel has its first point
+      float* out = vox + v * maxp * f;
+      std::fill(mean.begin(), mean.end(), 0.f);
+      for (int64_t s = 0; s < num; ++s) {
+        for (int64_t k = 0; k < f; ++k) mean[k] += out[s * f + k];
+      }
+      for (int64_t k = 0; k < f; ++k) mean[k] /= static_cast<float>(num);
+      for (int64_t s = num; s < maxp; ++s) std::copy(mean.begin(), mean.end(), out + s * f);
+    }
+  });
+}
+
+Result point_to_voxel(
+    const at::Tensor& points_in, at::ArrayRef<double> vsize, at::IntArrayRef grid_size,
+    at::ArrayRef<double> coors_range, int64_t max_num_voxels, int64_t max_num_points_per_voxel, bool empty_mean) {
+  const int ndim = static_cast<int>(vsize.size());
+  TORCH_CHECK_VALUE(ndim >= 1 && ndim <= kMaxDim, "point_to_voxel: 1 to 4 axes are supported, got ", ndim);
+  TORCH_CHECK_VALUE(static_cast<int>(grid_size.size()) == ndim && static_cast<int>(coors_range.size()) == 2 * ndim,
+                    "point_to_voxel: grid_size needs ", ndim, " and coors_range ", 2 * ndim, " entries");
+  TORCH_CHECK_VALUE(points_in.device().is_cpu(), "point_to_voxel: points must be on the CPU, got ",
+                    points_in.device());
+  TORCH_CHECK_VALUE(points_in.scalar_type() == at::kFloat || points_in.scalar_type() == at::kDouble,
+                    "point_to_voxel: points must be float32 or float64, got ", points_in.scalar_type());
+  TORCH_CHECK_VALUE(points_in.dim() == 2 && points_in.size(1) >= ndim,
+                    "point_to_voxel: points must be [N, F] with F >= ", ndim, ", got ", points_in.sizes());
+  TORCH_CHECK_VALUE(max_num_voxels > 0 && max_num_points_per_voxel > 0,
+                    "point_to_voxel: max_num_voxels and max_num_points_per_voxel must be positive");
+  TORCH_CHECK_VALUE(points_in.size(0) < (int64_t(1) << 29), "point_to_voxel: at most 2^29 points per call");
+
+  Meta m;
+  m.ndim = ndim;
+  int64_t prod = 1;
+  for (int j = ndim - 1; j >= 0; --j) {
+    m.vsize[j] = static_cast<float>(vsize[j]);
+    m.lo[j] = static_cast<float>(coors_range[j]);
+    m.grid[j] = grid_size[j];
+    TORCH_CHECK_VALUE(m.vsize[j] > 0 && std::isfinite(m.vsize[j]) && std::isfinite(m.lo[j]),
+                      "point_to_voxel: voxel sizes must be finite and > 0, range minimums finite");
+    TORCH_CHECK_VALUE(grid_size[j] > 0 && grid_size[j] <= std::numeric_limits<int32_t>::max(),
+                      "point_to_voxel: grid_size must be in [1, 2^31-1], got ", grid_size);
+    m.stride[j] = prod;
+    TORCH_CHECK_VALUE(prod <= (std::numeric_limits<int64_t>::max() / 4) / grid_size[j],
+                      "point_to_voxel: grid ", grid_size, " has too many cells for int64 keys");
+    prod *= grid_size[j];
   }
-  return {voxels, indices, num_per_voxel, pc_voxel_id, num_invalid};
+
+  const at::Tensor points = points_in.contiguous();
+  const int64_t n = points.size(0);
+  const int64_t maxp = max_num_points_per_voxel;
+  // Partitions: one per thread when there is enough work to share (at most 255: ids are bytes).
+  // With 2 threads the partitioned path measured no faster than the serial scan (whose output
+  // filling is parallel too) on 2 cores, and it has more parallel regions to wait in when the
+  // cores are shared, so it starts at 3 threads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts =
+      threads < 3 ? 1 : std::max<int64_t>(1, std::min<int64_t>({threads, n / 16384, int64_t(255)}));
+  Result res = parts == 1 ? serial_path(points, m, max_num_voxels, maxp, empty_mean)
+                          : partitioned_path(points, m, max_num_voxels, maxp, empty_mean, parts);
+  if (empty_mean) fill_mean(std::get<0>(res), std::get<2>(res));
+  return res;
 }
 
 }  // namespace

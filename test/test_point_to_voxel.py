@@ -263,7 +263,7 @@ def test_empty_mean_real_scan_and_call_api():
 
 @pytest.mark.parametrize("source", ["generated", "waymo"])
 def test_deterministic_over_threads(source):
-    # 1-4 threads split the insertion into 1-4 hash partitions: results must be bitwise the same
+    # 1-2 threads run the serial scan, 3-4 threads the partitioned path: results must be bitwise the same
     if source == "waymo":
         pts = load_scan("waymo")
         pts = np.concatenate([pts, pts[::3] + 0.01])
