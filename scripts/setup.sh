@@ -13,6 +13,12 @@ if ! .venv/bin/python -c "import torch, numpy, pytest, hypothesis, ninja, sklear
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest hypothesis ninja setuptools wheel \
     scikit-learn tqdm
 fi
+# cumm (tensorview) is optional: spconv.utils accepts its tv.Tensor, and the tests of that skip without it.
+# It is small and does not depend on torch (deps: pccm, ccimport, pybind11, fire, numpy, sympy).
+if ! .venv/bin/python -c "import cumm" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check cumm \
+    || echo "warning: could not install cumm; tests with cumm tv.Tensor inputs will be skipped" >&2
+fi
 lib=$(ls spconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [[ -z "$lib" ]] || [[ -n "$(find src include setup.py -newer "$lib" -type f 2>/dev/null | head -n 1)" ]]; then
   echo "building the spconv C++ extension (a minute or two)..." >&2
