@@ -9,13 +9,15 @@ open3d is missing) and derives a 3-class target from height and normals:
   other  everything else (furniture, objects, ceiling fixtures, noise)
 The points are voxelised with PointToVoxel (5 cm), each voxel's target is the majority of its points,
 and a sparse U-Net (SubMConv3d blocks; SparseConv3d k=2 s=2 downsampling and SparseInverseConv3d
-upsampling through shared indice_keys; skip connections by concatenation) is trained with Adam.
-Prints the loss and the voxel mIoU; writes into --out (default example/output/):
+upsampling through shared indice_keys; skip connections by concatenation) is trained with Adam on
+the room except its last quarter along x (--holdout 0.25), which is voxelised and evaluated apart,
+with random flips and quarter turns of the grid at every step (--no-augment to switch them off).
+Prints the loss and the voxel mIoU of both regions; writes into --out (default example/output/):
   segmentation_loss.png     training loss per step
   segmentation_topdown.png  the room from above: target vs prediction (per point, via
-                            gather_features_by_pc_voxel_id)
+                            gather_features_by_pc_voxel_id), the held-out strip marked
 
-usage: python example/segmentation_scannet.py [--steps N] [--amp] [--quick] [--out DIR]
+usage: python example/segmentation_scannet.py [--steps N] [--amp] [--quick] [--holdout F] [--out DIR]
 --amp runs the forward pass under torch.autocast("cpu", dtype=torch.bfloat16) (CUDA: float16 with
 a GradScaler, when the model runs on a GPU).
 """
@@ -84,7 +86,7 @@ def derive_labels(xyz: np.ndarray, normals: np.ndarray) -> np.ndarray:
 # data -> sparse tensors
 
 class Sample:
-    """One voxelised scene: features [M, 7], indices [M, 3] (z, y, x), voxel targets [M], per-point
+    """One voxelised scene: features [M, 8], indices [M, 3] (z, y, x), voxel targets [M], per-point
     voxel ids [N] and per-point targets [N]."""
 
     def __init__(self, points: np.ndarray, labels: np.ndarray, voxel_size: float):
@@ -98,8 +100,10 @@ class Sample:
         pc = torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32))
         voxels, coords, counts, pc_voxel_id = gen.generate_voxel_with_id(pc)
         mean = voxels.sum(1) / counts.clamp(min=1).unsqueeze(1).float()
-        centre = torch.from_numpy(((xyz.max(0) + xyz.min(0)) / 2).astype(np.float32))
-        feats = torch.cat([mean[:, :2] - centre[:2], mean[:, 2:3] - float(np.percentile(xyz[:, 2], 2)),
+        # translation-invariant features: height above the floor, the points' mean offset from the voxel
+        # centre (in voxels), colour, point count. No absolute x, y: the net must not memorise positions.
+        centre = torch.from_numpy(lo.astype(np.float32)) + (coords.flip(1).float() + 0.5) * voxel_size
+        feats = torch.cat([mean[:, 2:3] - float(np.percentile(xyz[:, 2], 2)), (mean[:, :3] - centre) / voxel_size,
                            mean[:, 3:6] / 127.5 - 1.0, counts.float().unsqueeze(1) / 8.0], 1)
         lab = torch.from_numpy(labels)
         valid = pc_voxel_id >= 0
@@ -125,6 +129,25 @@ def make_batch(samples, spatial_shape=None):
     feats = torch.cat([s.features for s in samples])
     labels = torch.cat([s.voxel_labels for s in samples])
     return spconv.SparseConvTensor(feats, indices, shape, len(samples)), labels, indices[:, 0].long()
+
+
+def augment(x: spconv.SparseConvTensor, gen: torch.Generator) -> spconv.SparseConvTensor:
+    """The batch mirrored along x and/or y and/or with x and y swapped (each with probability 1/2): the
+    room seen in one of its 8 flips/quarter turns. Rows keep their order, so the targets still match;
+    the voxel-offset features (columns 1 and 2: x, y) turn with the grid."""
+    idx, f, shape = x.indices.clone(), x.features.clone(), list(x.spatial_shape)
+    flip_x, flip_y, swap = (torch.rand(3, generator=gen) < 0.5).tolist()
+    if flip_x:
+        idx[:, 3] = shape[2] - 1 - idx[:, 3]
+        f[:, 1] = -f[:, 1]
+    if flip_y:
+        idx[:, 2] = shape[1] - 1 - idx[:, 2]
+        f[:, 2] = -f[:, 2]
+    if swap:
+        idx = idx[:, [0, 1, 3, 2]]
+        f = f[:, [0, 2, 1, *range(3, f.shape[1])]]
+        shape = [shape[0], shape[2], shape[1]]
+    return spconv.SparseConvTensor(f, idx.contiguous(), shape, x.batch_size)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -219,7 +242,10 @@ def prepare(data_dir: str, voxel_size: float, max_points: int = 0):
     return points, labels, source, method
 
 
-def save_pictures(out, losses, sample, voxel_pred, title):
+def save_pictures(out, losses, parts, cut, title):
+    """Loss curve, and the room from above: target vs prediction per point. ``parts`` is a list of
+    (Sample, voxel predictions [M]); the voxel predictions reach the points through
+    gather_features_by_pc_voxel_id."""
     plt = pyplot()
     loss_png = os.path.join(out, "segmentation_loss.png")
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -232,16 +258,21 @@ def save_pictures(out, losses, sample, voxel_pred, title):
     fig.savefig(loss_png, dpi=100)
     plt.close(fig)
 
-    point_pred = gather_features_by_pc_voxel_id(voxel_pred, sample.pc_voxel_id, invalid_value=-1)
-    xyz = sample.points[:, :3]
+    point_preds = [gather_features_by_pc_voxel_id(pred, s.pc_voxel_id, invalid_value=-1) for s, pred in parts]
+    xyz = np.concatenate([s.points[:, :3] for s, _ in parts])
+    target = np.concatenate([s.point_labels.numpy() for s, _ in parts])
+    predicted = torch.cat(point_preds).numpy()
     order = np.argsort(xyz[:, 2])  # draw low points first, so the view is from above
     topdown_png = os.path.join(out, "segmentation_topdown.png")
     fig, axes = plt.subplots(1, 2, figsize=(12, 6))
-    for ax, lab, name in ((axes[0], sample.point_labels.numpy(), "target (from height and normals)"),
-                          (axes[1], point_pred.numpy(), "prediction (sparse U-Net)")):
+    for ax, lab, name in ((axes[0], target, "target (from height and normals)"),
+                          (axes[1], predicted, "prediction (sparse U-Net)")):
         lab = lab[order]
         keep = lab >= 0
         ax.scatter(xyz[order][keep, 0], xyz[order][keep, 1], c=CLASS_COLORS[lab[keep]], s=1.5, linewidths=0)
+        if np.isfinite(cut):
+            ax.axvline(cut, color="black", ls="--", lw=1)
+            ax.text(cut, xyz[:, 1].max(), " held out", va="bottom", fontsize=9)
         ax.set_aspect("equal")
         ax.set_title(name)
         ax.set_xlabel("x (m)")
@@ -251,7 +282,7 @@ def save_pictures(out, losses, sample, voxel_pred, title):
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(topdown_png, dpi=100)
     plt.close(fig)
-    return [loss_png, topdown_png], point_pred
+    return [loss_png, topdown_png], point_preds
 
 
 def main(argv=None):
@@ -262,6 +293,10 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--voxel-size", type=float, default=0.05)
     ap.add_argument("--width", type=int, default=16, help="channels of the first U-Net level")
+    ap.add_argument("--holdout", type=float, default=0.25,
+                    help="fraction of the room (largest x) left out of training and evaluated separately")
+    ap.add_argument("--no-augment", dest="augment", action="store_false",
+                    help="train without the random flips / quarter turns of the room")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast on the CPU (fp16 on CUDA)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda, when a GPU backend is present")
     ap.add_argument("--quick", action="store_true", help="10 cm voxels, 12k points, width 8, <= 40 steps")
@@ -278,24 +313,33 @@ def main(argv=None):
     print(f"input: {source}, {len(points)} points; normals: {method}")
     counts = np.bincount(labels, minlength=3)
     print("target: " + ", ".join(f"{c} {n / len(labels) * 100:.0f}%" for c, n in zip(CLASSES, counts)))
-    sample = Sample(points, labels, voxel_size)
+    cut = float(np.quantile(points[:, 0], 1 - args.holdout)) if args.holdout > 0 else float("inf")
+    in_train = points[:, 0] < cut
+    sample = Sample(points[in_train], labels[in_train], voxel_size)
+    held = Sample(points[~in_train], labels[~in_train], voxel_size) if (~in_train).any() else None
     x, y, batch = make_batch([sample])
-    print(f"voxels: {len(sample.coords)} of {voxel_size * 100:.0f} cm in a {sample.spatial_shape} (z, y, x) grid")
+    print(f"voxels: {len(sample.coords)} of {voxel_size * 100:.0f} cm in a {sample.spatial_shape} (z, y, x) grid "
+          f"for training" + (f", {len(held.coords)} held out (x >= {cut:.2f} m)" if held is not None else ""))
 
     model = SparseUNet(x.features.shape[1], len(CLASSES), width).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = torch.amp.GradScaler("cuda") if args.amp and device.type == "cuda" else None
-    if device.type != "cpu":
-        x = x.replace_feature(x.features.to(device))
-        x.indices = x.indices.to(device)
-        y, batch = y.to(device), batch.to(device)
+
+    def to_device(t: spconv.SparseConvTensor) -> spconv.SparseConvTensor:
+        if device.type == "cpu":
+            return t
+        return spconv.SparseConvTensor(t.features.to(device), t.indices.to(device), t.spatial_shape, t.batch_size)
+
+    x, y, batch = to_device(x), y.to(device), batch.to(device)
     losses = []
     t0 = time.perf_counter()
     bar = progress(range(steps), desc="training" + (" (amp)" if args.amp else ""), unit="step")
     model.train()
+    gen = torch.Generator().manual_seed(args.seed)
     for step in bar:
+        xa = augment(x, gen) if args.augment else x
         with autocast_context(args.amp, device):
-            logits = model(x)
+            logits = model(xa)
         loss = per_sample_loss(logits, y, batch, 1)
         opt.zero_grad()
         if scaler is not None:
@@ -312,21 +356,32 @@ def main(argv=None):
             acc = float((logits.argmax(1) == y).float().mean())
             log(f"step {step + 1:4d}: loss {losses[-1]:.4f}, voxel accuracy {acc * 100:.1f}%")
     train_time = time.perf_counter() - t0
+    print(f"{steps} steps in {train_time:.1f} s ({train_time / max(steps, 1) * 1e3:.0f} ms/step"
+          f"{', bf16 autocast' if args.amp and device.type == 'cpu' else ''}); loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 
     model.eval()
-    with torch.no_grad(), autocast_context(args.amp, device):
-        pred = model(x).argmax(1).cpu()
-    m, ious = miou(pred, y.cpu())
-    print(f"mIoU {m:.3f} (" + ", ".join(f"{c} {iou:.3f}" for c, iou in zip(CLASSES, ious)) + f"); "
-          f"{steps} steps in {train_time:.1f} s ({train_time / max(steps, 1) * 1e3:.0f} ms/step"
-          f"{', bf16 autocast' if args.amp and device.type == 'cpu' else ''})")
-    pngs, point_pred = save_pictures(out, losses, sample, pred, f"sparse U-Net, mIoU {m:.3f}")
-    point_acc = float((point_pred == sample.point_labels).float().mean())
-    print(f"per-point accuracy (voxel predictions gathered back to the points): {point_acc * 100:.1f}%")
+    results, parts = {}, []
+    for name, s in (("training region", sample), ("held-out region", held)):
+        if s is None:
+            continue
+        xs, ys, _ = make_batch([s])
+        with torch.no_grad(), autocast_context(args.amp, device):
+            pred = model(to_device(xs)).argmax(1).cpu()
+        m, ious = miou(pred, ys)
+        results[name] = (m, ious)
+        parts.append((s, pred))
+        print(f"mIoU, {name}: {m:.3f} (" + ", ".join(f"{c} {iou:.3f}" for c, iou in zip(CLASSES, ious)) + ")")
+    m, ious = results["training region"]
+    m_held = results["held-out region"][0] if "held-out region" in results else float("nan")
+    pngs, point_preds = save_pictures(out, losses, parts, cut,
+                                      f"sparse U-Net: mIoU {m:.3f} (train) / {m_held:.3f} (held out)")
+    point_acc = float((point_preds[0] == sample.point_labels).float().mean())
+    print(f"per-point accuracy, training region (voxel predictions gathered back to the points): "
+          f"{point_acc * 100:.1f}%")
     for p in pngs:
         print(f"wrote {p}")
-    return {"losses": losses, "miou": m, "ious": ious, "pngs": pngs, "num_voxels": len(sample.coords),
-            "point_accuracy": point_acc, "normals": method, "source": source}
+    return {"losses": losses, "miou": m, "ious": ious, "miou_heldout": m_held, "pngs": pngs,
+            "num_voxels": len(sample.coords), "point_accuracy": point_acc, "normals": method, "source": source}
 
 
 if __name__ == "__main__":

@@ -85,9 +85,35 @@ def test_segmentation_scannet_trains(tmp_path):
     assert len(losses) == 25 and all(np.isfinite(losses))
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5]), losses
     assert res["miou"] > 0.3, res["ious"]
+    assert 0 <= res["miou_heldout"] <= 1
     assert res["point_accuracy"] > 0.6
     for p in res["pngs"]:
         assert_png(p)
+
+
+def test_examples_fall_back_to_generated_scenes(tmp_path):
+    """Without ../shared/data the examples run on generated stand-ins of the same layout."""
+    missing = str(tmp_path / "no-data")
+    res = example("second_kitti").main(["--quick", "--data", missing, "--out", str(tmp_path)])
+    assert res["source"].startswith("generated") and res["num_voxels"] > 1000
+    res = example("segmentation_scannet").main(["--quick", "--steps", "6", "--data", missing, "--out", str(tmp_path)])
+    assert res["source"].startswith("generated") and res["losses"][-1] < res["losses"][0]
+
+
+def test_segmentation_augment_keeps_rows_and_sites():
+    seg = example("segmentation_scannet")
+    idx = torch.tensor([[0, 1, 1, 3], [0, 0, 4, 1]], dtype=torch.int32)
+    feats = torch.arange(16, dtype=torch.float32).view(2, 8)
+    x = seg.spconv.SparseConvTensor(feats, idx, [3, 5, 6], 1)
+    seen = set()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        a = seg.augment(x, gen)
+        seen.add((tuple(a.spatial_shape), tuple(a.indices[0].tolist())))
+        assert a.indices[:, :2].tolist() == idx[:, :2].tolist()  # batch and z unchanged, rows in order
+        assert torch.equal(a.features[:, 3:], feats[:, 3:]) and torch.equal(a.features[:, 0], feats[:, 0])
+        assert sorted(a.features[0, 1:3].abs().tolist()) == [1.0, 2.0]
+    assert len(seen) == 8  # all flips and quarter turns occur
 
 
 def test_segmentation_scannet_amp(tmp_path):
