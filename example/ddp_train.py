@@ -5,7 +5,7 @@ two halves along x; each half is one sample. Two processes (torch.multiprocessin
 gloo on 127.0.0.1) each train on one half with DistributedDataParallel, which averages the
 gradients. The model is segmentation_scannet.SparseUNet without BatchNorm (norm=False): with
 BatchNorm each process would normalise with the statistics of its own half, and the gradients would
-depend on how the batch is split (SyncBatchNorm is CUDA-only in PyTorch).
+depend on how the batch is split (PyTorch's SyncBatchNorm refuses CPU tensors).
 
 Checks, printed at the end:
 - gradients: rank 0's averaged gradients of step 1 against one process computing the gradients of

@@ -295,3 +295,16 @@ def test_public_classes_have_docstrings_with_shapes():
                 if "[" not in doc:  # a shape such as ``[N, C]``
                     missing.append(f"{modname}.{name}")
     assert not missing, f"public classes without a docstring stating shapes: {missing}"
+
+
+def test_readme_quick_start_runs():
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    section = text[text.index("## Quick start"):]
+    code = section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+    scope = {}
+    exec(compile(code, "README.md quick start", "exec"), scope)
+    x, y = scope["x"], scope["y"]
+    assert torch.equal(y.indices, x.indices) and y.features.shape == (x.indices.shape[0], 16)
+    assert y.dense().shape == (1, 16, 20, 80, 80)
+    assert all(p.grad is not None for p in scope["net"].parameters())
