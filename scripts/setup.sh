@@ -15,7 +15,8 @@ fi
 # without the CUDA kernels, a 105 MB wheel instead of ~400 MB). torch==2.13.0 is named in the same
 # command so that no dependency can pull in another torch. Failures only warn: the tests that need a
 # missing package skip with the reason.
-if ! .venv/bin/python -c "import matplotlib, tqdm, sklearn" 2>/dev/null; then
+if ! .venv/bin/python -c "import importlib.metadata as m; [m.version(p) for p in ('matplotlib', 'tqdm', 'scikit-learn')]" \
+    2>/dev/null; then
   echo "installing the examples' packages (matplotlib, tqdm, scikit-learn)..." >&2
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 matplotlib tqdm scikit-learn >&2 ||
     echo "warning: could not install matplotlib/tqdm/scikit-learn: the examples' tests will skip" >&2
