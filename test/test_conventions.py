@@ -56,7 +56,9 @@ def test_python_m_spconv_prints_the_installation():
     assert lines["torch"] == torch.__version__
     assert lines["backend"].startswith("CPU extension loaded"), lines["backend"]
     assert lines["threads"].split()[0].isdigit()
-    assert "AVX-512" in lines["cpu"] and "AMX" in lines["cpu"]
+    from spconv.__main__ import cpu_flags
+    if cpu_flags():  # x86 Linux: the flags line is read
+        assert "AVX-512" in lines["cpu"] and "AMX" in lines["cpu"]
     assert lines["triton"].startswith(("not installed", "importable", "installed but not importable"))
 
 
