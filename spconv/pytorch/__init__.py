@@ -26,7 +26,10 @@ class ToDense(SparseModule):
 
 
 class RemoveGrid(SparseModule):
-    """Drops the legacy ``grid`` attribute (kept for spconv 1.x code)."""
+    """Drops the legacy ``grid`` attribute (kept for spconv 1.x code).
+
+    Input and output: the same SparseConvTensor (features ``[N, C]``, indices ``[N, 1 + D]`` unchanged).
+    """
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         x.grid = None

@@ -289,66 +289,178 @@ class _SparseInverseConvNd(SparseConvolution):
 
 
 class SparseConv1d(_SparseConvNd):
+    """Regular (strided) sparse 1D convolution: every output site reached by an active input.
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 2]`` (batch, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 2]`` sorted by (batch, coords),
+    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
+    Weight: ``[out_channels, k, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 1
 
 
 class SparseConv2d(_SparseConvNd):
+    """Regular (strided) sparse 2D convolution: every output site reached by an active input.
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 3]`` (batch, y, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 3]`` sorted by (batch, coords),
+    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
+    Weight: ``[out_channels, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 2
 
 
 class SparseConv3d(_SparseConvNd):
+    """Regular (strided) sparse 3D convolution: every output site reached by an active input.
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 4]`` (batch, z, y, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 4]`` sorted by (batch, coords),
+    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
+    Weight: ``[out_channels, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 3
 
 
 class SparseConv4d(_SparseConvNd):
+    """Regular (strided) sparse 4D convolution: every output site reached by an active input.
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 5]`` (batch, t, z, y, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 5]`` sorted by (batch, coords),
+    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
+    Weight: ``[out_channels, kt, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 4
 
 
 class SparseConvTranspose1d(_SparseConvNd):
+    """Transposed sparse 1D convolution (upsampling to every site an input reaches).
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 2]`` (batch, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 2]``, ``spatial_shape``
+    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
+    Weight: ``[out_channels, k, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM, TRANSPOSED = 1, True
 
 
 class SparseConvTranspose2d(_SparseConvNd):
+    """Transposed sparse 2D convolution (upsampling to every site an input reaches).
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 3]`` (batch, y, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 3]``, ``spatial_shape``
+    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
+    Weight: ``[out_channels, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM, TRANSPOSED = 2, True
 
 
 class SparseConvTranspose3d(_SparseConvNd):
+    """Transposed sparse 3D convolution (upsampling to every site an input reaches).
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 4]`` (batch, z, y, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 4]``, ``spatial_shape``
+    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
+    Weight: ``[out_channels, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM, TRANSPOSED = 3, True
 
 
 class SparseConvTranspose4d(_SparseConvNd):
+    """Transposed sparse 4D convolution (upsampling to every site an input reaches).
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 5]`` (batch, t, z, y, x).
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 5]``, ``spatial_shape``
+    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
+    Weight: ``[out_channels, kt, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM, TRANSPOSED = 4, True
 
 
 class SubMConv1d(_SubMConvNd):
+    """Submanifold sparse 1D convolution: the output sites are the input sites.
+
+    Input: features ``[N, in_channels]`` at indices ``[N, 2]`` (batch, x).
+    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
+    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
+    Weight: ``[out_channels, k, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 1
 
 
 class SubMConv2d(_SubMConvNd):
+    """Submanifold sparse 2D convolution: the output sites are the input sites.
+
+    Input: features ``[N, in_channels]`` at indices ``[N, 3]`` (batch, y, x).
+    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
+    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
+    Weight: ``[out_channels, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 2
 
 
 class SubMConv3d(_SubMConvNd):
+    """Submanifold sparse 3D convolution: the output sites are the input sites.
+
+    Input: features ``[N, in_channels]`` at indices ``[N, 4]`` (batch, z, y, x).
+    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
+    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
+    Weight: ``[out_channels, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 3
 
 
 class SubMConv4d(_SubMConvNd):
+    """Submanifold sparse 4D convolution: the output sites are the input sites.
+
+    Input: features ``[N, in_channels]`` at indices ``[N, 5]`` (batch, t, z, y, x).
+    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
+    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
+    Weight: ``[out_channels, kt, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 4
 
 
 class SparseInverseConv1d(_SparseInverseConvNd):
+    """Inverse sparse 1D convolution: undoes the strided conv/pool that created ``indice_key``.
+
+    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
+    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 2]``
+    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
+    Weight: ``[out_channels, k, in_channels]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 1
 
 
 class SparseInverseConv2d(_SparseInverseConvNd):
+    """Inverse sparse 2D convolution: undoes the strided conv/pool that created ``indice_key``.
+
+    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
+    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 3]``
+    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
+    Weight: ``[out_channels, kh, kw, in_channels]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 2
 
 
 class SparseInverseConv3d(_SparseInverseConvNd):
+    """Inverse sparse 3D convolution: undoes the strided conv/pool that created ``indice_key``.
+
+    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
+    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 4]``
+    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
+    Weight: ``[out_channels, kd, kh, kw, in_channels]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 3
 
 
 class SparseInverseConv4d(_SparseInverseConvNd):
+    """Inverse sparse 4D convolution: undoes the strided conv/pool that created ``indice_key``.
+
+    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
+    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 5]``
+    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
+    Weight: ``[out_channels, kt, kd, kh, kw, in_channels]`` (KRSC); bias ``[out_channels]``.
+    """
     NDIM = 4
 
 

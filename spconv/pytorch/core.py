@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from spconv import constants
+from spconv.core import ConvAlgo
 
 def expand_nd(ndim: int, val, name: str = "value") -> List[int]:
     """An int becomes ``[val] * ndim``; a sequence must have ``ndim`` entries."""
@@ -256,3 +257,9 @@ def scatter_nd(indices: torch.Tensor, updates: torch.Tensor, shape: List[int]) -
     flatted = indices.view(-1, ndim).long()
     ret[tuple(flatted[:, i] for i in range(ndim))] = updates.view(-1, *shape[ndim:])
     return ret
+
+
+# torch.load defaults to weights_only=True since torch 2.6, which refuses unknown classes. A saved
+# SparseConvTensor holds only tensors, lists, dicts and these data-only classes (no __reduce__ of
+# their own), so they are allowlisted: torch.load(path) restores it without weights_only=False.
+torch.serialization.add_safe_globals([SparseConvTensor, IndiceData, ConvAlgo])

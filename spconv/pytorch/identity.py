@@ -2,7 +2,7 @@ from torch import nn
 
 
 class Identity(nn.Module):
-    """Returns its input unchanged (any type)."""
+    """Returns its input unchanged (any type; a SparseConvTensor keeps features ``[N, C]`` and indices)."""
 
     def forward(self, input):
         return input

@@ -9,7 +9,11 @@ from spconv.pytorch.core import SparseConvTensor
 
 
 class SparseModule(nn.Module):
-    """Base class of modules that take and return a SparseConvTensor (not just its features)."""
+    """Base class of modules that take and return a SparseConvTensor (not just its features).
+
+    ``forward`` receives the whole tensor (features ``[N, C]``, indices ``[N, 1 + D]``, spatial_shape,
+    indice_dict); SparseSequential passes it to these modules unchanged and only the features to others.
+    """
 
     def __init__(self, name=None):
         super().__init__()
@@ -95,15 +99,17 @@ class SparseSyncBatchNorm(_FeatureWise, nn.SyncBatchNorm):
 
 
 class SparseReLU(_FeatureWise, nn.ReLU):
-    """ReLU over the features of a sparse tensor."""
+    """ReLU over the features ``[N, C]`` of a sparse tensor (or over a plain tensor); same shape out."""
 
 
 class SparseIdentity(_FeatureWise, nn.Identity):
-    """Identity (a marker for fx-based fusion); returns its input."""
+    """Identity (a marker for fx-based fusion): returns its input unchanged, a SparseConvTensor
+    (features ``[N, C]``) or a plain tensor."""
 
 
 class PrintTensorMeta(SparseModule):
-    """Logs the shape of a sparse tensor passing through (debug helper)."""
+    """Logs the shapes of a sparse tensor passing through (features ``[N, C]``, indices ``[N, 1 + D]``,
+    spatial_shape) at INFO level on the ``spconv`` logger, and returns it unchanged (debug helper)."""
 
     def forward(self, x: SparseConvTensor):
         import logging
@@ -112,6 +118,9 @@ class PrintTensorMeta(SparseModule):
 
 
 class PrintCurrentTime(SparseModule):
+    """Logs the current time on the ``spconv`` logger and returns its input unchanged (a SparseConvTensor
+    with features ``[N, C]``, or anything else)."""
+
     def forward(self, x):
         import logging
         logging.getLogger("spconv").info("time %.6f", time.time())

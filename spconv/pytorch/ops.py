@@ -8,6 +8,7 @@ from typing import List, Tuple
 import torch
 
 import spconv._C  # noqa: F401  (registers torch.ops.spconv.*)
+from spconv.pytorch import _meta  # noqa: F401  (fake kernels for torch.compile)
 
 _ops = torch.ops.spconv
 

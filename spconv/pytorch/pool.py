@@ -76,12 +76,20 @@ class _SparsePool(SparseModule):
 
 
 class SparseMaxPool(_SparsePool):
-    """Max pooling over active sites, generic ``ndim`` (spconv's base-class defaults: k=3, stride=1)."""
+    """Max pooling over active sites, generic ``ndim`` (spconv's base-class defaults: k=3, stride=1).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 1 + ndim]``; output: features ``[N_out, C]`` at every
+    site a window reaches (``subm=True``: the input sites), see the module docstring for the shape rule.
+    """
     KIND = "max"
 
 
 class SparseAvgPool(_SparsePool):
-    """Average pooling over active sites (divides by the active count), generic ``ndim``."""
+    """Average pooling over active sites (divides by the active count), generic ``ndim``.
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 1 + ndim]``; output: features ``[N_out, C]`` at every
+    site a window reaches (``subm=True``: the input sites), see the module docstring for the shape rule.
+    """
     KIND = "avg"
 
 
@@ -95,34 +103,110 @@ class _PoolNd:
 
 
 class SparseMaxPool1d(_PoolNd, SparseMaxPool):
+    """Max pooling over 1D sparse sites.
+
+    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 2]`` (batch, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv1d can restore the input sites.
+    """
     NDIM = 1
 
 
 class SparseMaxPool2d(_PoolNd, SparseMaxPool):
+    """Max pooling over 2D sparse sites.
+
+    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 3]`` (batch, y, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv2d can restore the input sites.
+    """
     NDIM = 2
 
 
 class SparseMaxPool3d(_PoolNd, SparseMaxPool):
+    """Max pooling over 3D sparse sites.
+
+    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 4]`` (batch, z, y, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv3d can restore the input sites.
+    """
     NDIM = 3
 
 
 class SparseMaxPool4d(_PoolNd, SparseMaxPool):
+    """Max pooling over 4D sparse sites.
+
+    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 5]`` (batch, t, z, y, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv4d can restore the input sites.
+    """
     NDIM = 4
 
 
 class SparseAvgPool1d(_PoolNd, SparseAvgPool):
+    """Average pooling over 1D sparse sites.
+
+    Each output is the mean over the active input sites in its window (divided by their count, not
+    the kernel volume).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 2]`` (batch, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv1d can restore the input sites.
+    """
     NDIM = 1
 
 
 class SparseAvgPool2d(_PoolNd, SparseAvgPool):
+    """Average pooling over 2D sparse sites.
+
+    Each output is the mean over the active input sites in its window (divided by their count, not
+    the kernel volume).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 3]`` (batch, y, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv2d can restore the input sites.
+    """
     NDIM = 2
 
 
 class SparseAvgPool3d(_PoolNd, SparseAvgPool):
+    """Average pooling over 3D sparse sites.
+
+    Each output is the mean over the active input sites in its window (divided by their count, not
+    the kernel volume).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 4]`` (batch, z, y, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv3d can restore the input sites.
+    """
     NDIM = 3
 
 
 class SparseAvgPool4d(_PoolNd, SparseAvgPool):
+    """Average pooling over 4D sparse sites.
+
+    Each output is the mean over the active input sites in its window (divided by their count, not
+    the kernel volume).
+
+    Input: features ``[N_in, C]`` at indices ``[N_in, 5]`` (batch, t, z, y, x). Output: features
+    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
+    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
+    With ``indice_key`` a SparseInverseConv4d can restore the input sites.
+    """
     NDIM = 4
 
 
@@ -148,6 +232,8 @@ class SparseGlobalMaxOrAvgPool(SparseModule):
 
 
 class SparseGlobalMaxPool(SparseGlobalMaxOrAvgPool):
+    """Maximum over the sites of each batch entry: features ``[N, C]`` -> dense ``[B, C]`` (0 for an empty entry)."""
+
     def __init__(self, name=None):
         super().__init__(False, name)
 

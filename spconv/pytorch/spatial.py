@@ -7,7 +7,11 @@ from spconv.pytorch.modules import SparseModule
 
 
 class RemoveDuplicate(SparseModule):
-    """Keeps one row per site: the first occurrence (features of later duplicates are dropped)."""
+    """Keeps one row per site: the first occurrence (features of later duplicates are dropped).
+
+    Input: features ``[N, C]`` at indices ``[N, 1 + D]`` that may repeat a site; output: features
+    ``[N_unique, C]`` at unique indices ``[N_unique, 1 + D]``, in first-occurrence order, empty indice_dict.
+    """
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
         keys = _linear_keys(x.indices, [x.batch_size, *x.spatial_shape])

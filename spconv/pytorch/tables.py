@@ -25,7 +25,11 @@ def _check_aligned(inputs: List[SparseConvTensor], what: str, same_channels: boo
 
 
 class JoinTable(SparseModule):
-    """Concatenates the features of aligned sparse tensors along channels."""
+    """Concatenates the features of aligned sparse tensors along channels.
+
+    Input: a list of SparseConvTensors on the same sites, features ``[N, C_i]``; output: features
+    ``[N, sum(C_i)]`` on those sites.
+    """
 
     def forward(self, input: List[SparseConvTensor]) -> SparseConvTensor:
         _check_aligned(input, "JoinTable", False)
@@ -33,7 +37,10 @@ class JoinTable(SparseModule):
 
 
 class AddTable(SparseModule):
-    """Sums the features of aligned sparse tensors (same sites, same order)."""
+    """Sums the features of aligned sparse tensors (same sites, same order).
+
+    Input: a list of SparseConvTensors with features ``[N, C]`` each; output: features ``[N, C]``.
+    """
 
     def forward(self, input: List[SparseConvTensor]) -> SparseConvTensor:
         _check_aligned(input, "AddTable", True)
@@ -41,14 +48,20 @@ class AddTable(SparseModule):
 
 
 class AddTableMisaligned(SparseModule):
-    """Sums sparse tensors on different sites (union of the sites)."""
+    """Sums sparse tensors on different sites (union of the sites).
+
+    Input: SparseConvTensors with features ``[N_i, C]``; output: features ``[N_union, C]``, coinciding sites summed.
+    """
 
     def forward(self, input: List[SparseConvTensor]) -> SparseConvTensor:
         return Fsp.sparse_add_hash_based(*input)
 
 
 class ConcatTable(SparseModule):
-    """Applies each sub-module to the same input and returns the list of results."""
+    """Applies each sub-module to the same input and returns the list of results.
+
+    Input: one SparseConvTensor (features ``[N, C]``); output: a list with one result per sub-module.
+    """
 
     def __init__(self, *args):
         super().__init__()

@@ -1,0 +1,80 @@
+"""``python -m spconv``: version, backend, threads and CPU features of this installation.
+
+Prints one ``key: value`` line each: the spconv version (API level), whether the compiled CPU
+extension loads (and from where), the torch version, torch's intra-op (OpenMP) thread count, the
+CPU's AVX2 / AVX-512 / AMX flags from /proc/cpuinfo (and the kernel level torch dispatches to), and
+whether Triton imports.
+"""
+import importlib.util
+import os
+import platform
+import sys
+
+
+def cpu_flags(path: str = "/proc/cpuinfo") -> set:
+    """The ``flags`` of the first processor in /proc/cpuinfo (empty where there is no such file)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _yes(b: bool) -> str:
+    return "yes" if b else "no"
+
+
+def info() -> dict:
+    """The facts printed by ``python -m spconv``, as an ordered dict of strings."""
+    from spconv.__version__ import __version__
+    out = {"spconv": __version__, "python": platform.python_version(), "platform": platform.platform()}
+    try:
+        import torch
+        out["torch"] = torch.__version__
+        out["threads"] = f"{torch.get_num_threads()} (torch.get_num_threads(); OMP_NUM_THREADS="\
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}), {os.cpu_count()} logical CPUs"
+    except Exception as e:  # pragma: no cover - torch is a hard dependency
+        out["torch"] = f"not importable ({type(e).__name__}: {e})"
+    try:
+        import spconv._C as ext
+        import torch
+        n_ops = len([n for n in torch._C._dispatch_get_all_op_names() if n.startswith("spconv::")])
+        out["backend"] = f"CPU extension loaded ({os.path.basename(ext.__file__)}, {n_ops} ops in torch.ops.spconv)"
+    except Exception as e:
+        out["backend"] = f"CPU extension NOT loaded ({type(e).__name__}: {e}); build it with bash scripts/setup.sh"
+    flags = cpu_flags()
+    if flags:
+        avx512 = sorted(f for f in flags if f.startswith("avx512"))
+        amx = sorted(f for f in flags if f.startswith("amx"))
+        out["cpu"] = (f"AVX2 {_yes('avx2' in flags)}, AVX-512 {_yes('avx512f' in flags)}"
+                      f"{' (' + ' '.join(avx512) + ')' if avx512 else ''}, AMX {_yes(bool(amx))}"
+                      f"{' (' + ' '.join(amx) + ')' if amx else ''}")
+        try:
+            import torch
+            out["cpu"] += f"; torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+        except Exception:  # pragma: no cover
+            pass
+    else:
+        out["cpu"] = f"{platform.machine()} (no /proc/cpuinfo flags)"
+    if importlib.util.find_spec("triton") is None:
+        out["triton"] = "not installed"
+    else:
+        try:
+            import triton
+            out["triton"] = f"importable ({triton.__version__})"
+        except Exception as e:
+            out["triton"] = f"installed but not importable ({type(e).__name__}: {e})"
+    return out
+
+
+def main() -> int:
+    for key, value in info().items():
+        print(f"{key}: {value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
