@@ -11,6 +11,12 @@ fi
 if ! .venv/bin/python -c "import torch, numpy, pytest, hypothesis, ninja" 2>/dev/null; then
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest hypothesis ninja setuptools wheel
 fi
+# Triton, the optional [gpu] extra: the GPU kernels, tested on the CPU in Triton's interpreter. torch is
+# pinned on the same command line so that pip never swaps the CPU build for a CUDA one.
+if ! .venv/bin/python -c "import triton" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 triton ||
+    echo "setup.sh: could not install triton; test/triton will be skipped" >&2
+fi
 lib=$(ls spconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [[ -z "$lib" ]] || [[ -n "$(find src include setup.py -newer "$lib" -type f 2>/dev/null | head -n 1)" ]]; then
   echo "building the spconv C++ extension (about a minute)..." >&2
