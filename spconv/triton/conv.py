@@ -211,8 +211,8 @@ def gather_conv(features: torch.Tensor, table: torch.Tensor, weight: torch.Tenso
 
 
 def _num_splits(n_dst: int, tiles: int) -> int:
-    """Row slices of the weight gradient: enough programs to fill a GPU (~256 besides the row slices), each
-    slice at least 4096 rows; one slice under the interpreter unless the rows are many."""
+    """Row slices of the weight gradient: about 256 programs in all (``tiles`` = taps x groups x 64x64
+    channel tiles), each slice at least 4096 rows."""
     rows_min = 4096
     return max(1, min(triton.cdiv(n_dst, rows_min), max(1, 256 // max(tiles, 1))))
 
@@ -243,7 +243,7 @@ def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_gra
     if splits is None:
         splits = _num_splits(n_dst, kv * groups * triton.cdiv(co_g, 64) * triton.cdiv(ci_g, 64))
     splits = max(1, min(int(splits), n_dst))
-    rows_per_split = triton.cdiv(triton.cdiv(n_dst, splits), 64) * 64  # a multiple of every BLOCK_K
+    rows_per_split = triton.cdiv(triton.cdiv(n_dst, splits), 128) * 128  # a multiple of every BLOCK_K
     splits = triton.cdiv(n_dst, rows_per_split)
     part_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     part = torch.empty((splits, co, kv, ci_g), dtype=part_dtype, device=features.device)
