@@ -45,6 +45,12 @@ if ! .venv/bin/python -c "import importlib.metadata as m; m.version('open3d-cpu'
   .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 open3d-cpu==0.20.0 >&2 ||
     echo "warning: could not install open3d-cpu: the open3d example's tests will skip" >&2
 fi
+# Triton, the optional [gpu] extra: the GPU kernels, tested on the CPU in Triton's interpreter. torch is
+# pinned on the same command line so that pip never swaps the CPU build for a CUDA one.
+if ! .venv/bin/python -c "import triton" 2>/dev/null; then
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 triton ||
+    echo "setup.sh: could not install triton; test/triton will be skipped" >&2
+fi
 lib=$(ls spconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [[ -z "$lib" ]] || [[ -n "$(find src include setup.py -newer "$lib" -type f 2>/dev/null | head -n 1)" ]]; then
   echo "building the spconv C++ extension (a minute or two)..." >&2

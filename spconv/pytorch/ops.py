@@ -1,23 +1,25 @@
 """Kernel-map building and kernel dispatch by device.
 
-CPU tensors run on the compiled extension (``torch.ops.spconv.*``). Other devices raise until
-a backend for them exists.
+CPU tensors run on the compiled extension (``torch.ops.spconv.*``); CUDA/ROCm tensors (and CPU tensors with
+``SPCONV_BACKEND=triton`` and ``TRITON_INTERPRET=1``) run on the Triton kernels of spconv.triton.
 """
 from typing import List, Tuple
 
 import torch
 
 import spconv._C  # noqa: F401  (registers torch.ops.spconv.*)
+import spconv.triton as _triton  # lazy: imports triton on first use of a kernel
+from spconv.triton.dispatch import use_triton
 from spconv.pytorch import _meta  # noqa: F401  (fake kernels for torch.compile)
 
 _ops = torch.ops.spconv
 
 
 def _check_device(t: torch.Tensor, what: str = "features"):
-    if t.device.type != "cpu":
+    if t.device.type != "cpu" and not use_triton(t):
         raise NotImplementedError(
-            f"spconv: {what} on device '{t.device}' are not supported: this build has only the CPU backend "
-            "(the GPU backend is not available yet). Move the tensors and the model to the CPU with .cpu().")
+            f"spconv: {what} on device '{t.device}' are not supported: spconv runs on the CPU and on CUDA/ROCm "
+            "GPUs (through Triton). Move the tensors and the model to one of those with .cpu() or .cuda().")
 
 
 def get_conv_output_size(input_size, kernel_size, stride, padding, dilation) -> List[int]:
@@ -54,6 +56,8 @@ def _batch_size(indices: torch.Tensor, batch_size) -> int:
 
 def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_size=None) -> torch.Tensor:
     """Output-major SubM neighbour table ``[N, K]`` int32 (output sites == input sites)."""
+    if use_triton(indices):
+        return _triton.build_subm_map(indices, spatial_shape, ksize, dilation)
     _check_device(indices, "indices")
     return _ops.build_subm_map(indices.contiguous(), _batch_size(indices, batch_size), list(spatial_shape),
                                list(ksize), list(dilation))
@@ -62,6 +66,8 @@ def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_
 def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, padding, dilation,
                    transposed: bool, batch_size=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Regular or transposed conv: ``(out_indices [M, 1+D] sorted by (batch, coords), table [M, K])``."""
+    if use_triton(indices):
+        return _triton.build_conv_map(indices, in_shape, out_shape, ksize, stride, padding, dilation, transposed)
     _check_device(indices, "indices")
     return _ops.build_conv_map(indices.contiguous(), _batch_size(indices, batch_size), list(in_shape),
                                list(out_shape), list(ksize), list(stride), list(padding), list(dilation),
@@ -70,12 +76,16 @@ def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, pa
 
 def invert_map(table: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """Input-major table ``[num_inputs, K]`` of an output-major one."""
+    if use_triton(table):
+        return _triton.invert_map(table, num_inputs)
     return _ops.invert_map(table, int(num_inputs))
 
 
 def gather_conv(features: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, groups: int,
                 transpose_weight: bool) -> torch.Tensor:
     """``out[j] = sum_r W_r @ f[table[j, r]]`` with ``weight [C_out, K, C_in/groups]`` (``W_r^T`` if transposed)."""
+    if use_triton(features):
+        return _triton.gather_conv(features, table, weight, groups, transpose_weight)
     _check_device(features)
     return _ops.gather_conv(features, table, weight, int(groups), bool(transpose_weight))
 
@@ -83,6 +93,8 @@ def gather_conv(features: torch.Tensor, table: torch.Tensor, weight: torch.Tenso
 def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_grad: torch.Tensor,
                             groups: int) -> torch.Tensor:
     """``dW[:, r, :] = sum_j out_grad[j]^T f[table[j, r]]``, shape ``[C_out, K, C_in/groups]``."""
+    if use_triton(features):
+        return _triton.gather_conv_weight_grad(features, table, out_grad, groups)
     _check_device(features)
     return _ops.gather_conv_weight_grad(features, table, out_grad.contiguous(), int(groups))
 

@@ -1,0 +1,36 @@
+"""Triton backend of spconv: kernel maps and implicit-GEMM sparse convolution kernels.
+
+The functions mirror the CPU ops of :mod:`spconv.pytorch.ops` one for one (same signatures, same
+results): ``build_subm_map``, ``build_conv_map``, ``invert_map``, ``gather_conv``,
+``gather_conv_weight_grad``. They run on CUDA/ROCm tensors, and on CPU tensors in Triton's
+interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported.
+
+Importing this package does not import triton: the kernels load on first use of one of the
+functions, so :func:`spconv.triton.dispatch.use_triton` is cheap and works without triton installed.
+"""
+import importlib
+
+_FUNCTIONS = {
+    "build_subm_map": "kernel_map",
+    "build_conv_map": "kernel_map",
+    "invert_map": "kernel_map",
+    "gather_conv": "conv",
+    "gather_conv_weight_grad": "conv",
+}
+
+__all__ = list(_FUNCTIONS)
+
+
+def __getattr__(name):
+    module = _FUNCTIONS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'spconv.triton' has no attribute {name!r}")
+    try:
+        mod = importlib.import_module(f"spconv.triton.{module}")
+    except ImportError as e:
+        if e.name != "triton":
+            raise
+        raise ImportError("spconv's GPU backend needs Triton: pip install triton (or pip install 'spconv[gpu]')") from e
+    value = getattr(mod, name)
+    globals()[name] = value
+    return value
