@@ -18,21 +18,10 @@ from torch import nn
 import spconv.pytorch as spconv
 from spconv.pytorch.utils import PointToVoxel
 
+from _common import generated_street as generated_scene  # example/_common.py
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data")
-
-
-def generated_scene(n=20000, seed=0):
-    """A synthetic street: ground plane, two walls and a few boxes (x forward, y left, z up)."""
-    rng = np.random.default_rng(seed)
-    ground = np.c_[rng.uniform(0, 70, n // 2), rng.uniform(-40, 40, n // 2), rng.normal(-1.7, 0.02, n // 2)]
-    walls = np.c_[rng.uniform(0, 70, n // 4), rng.choice([-12.0, 12.0], n // 4), rng.uniform(-1.7, 2.0, n // 4)]
-    boxes = []
-    for cx, cy in rng.uniform([5, -10], [60, 10], size=(8, 2)):
-        boxes.append(np.c_[rng.uniform(cx, cx + 4, n // 32), rng.uniform(cy, cy + 1.8, n // 32),
-                           rng.uniform(-1.7, -0.2, n // 32)])
-    xyz = np.concatenate([ground, walls] + boxes).astype(np.float32)
-    return np.c_[xyz, rng.uniform(0, 1, len(xyz)).astype(np.float32)]
 
 
 def block(cin, cout, k, key, stride=1, padding=0, subm=True):

@@ -99,9 +99,15 @@ def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_gra
     return _ops.gather_conv_weight_grad(features, table, out_grad.contiguous(), int(groups))
 
 
+def _check_cpu_only(t: torch.Tensor, op: str):
+    if t.device.type != "cpu":
+        raise NotImplementedError(f"spconv: {op} has no kernel for device '{t.device}' yet (CPU only); "
+                                  "move the tensor to the CPU with .cpu()")
+
+
 def maxpool_forward(features: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Max over the active taps of each output row: ``(out [N_out, C], argmax input row [N_out, C])``."""
-    _check_device(features)
+    _check_cpu_only(features, "sparse max pooling")
     return _ops.maxpool_forward(features, table)
 
 
@@ -112,7 +118,7 @@ def maxpool_backward(out_grad: torch.Tensor, argmax: torch.Tensor, table_in: tor
 
 def avgpool_forward(features: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean over the active taps: ``(out [N_out, C], active tap counts [N_out] int32)``."""
-    _check_device(features)
+    _check_cpu_only(features, "sparse average pooling")
     return _ops.avgpool_forward(features, table), _ops.active_counts(table)
 
 
