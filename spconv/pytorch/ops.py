@@ -3,16 +3,22 @@
 CPU tensors run on the compiled extension (``torch.ops.spconv.*``); CUDA/ROCm tensors (and CPU tensors with
 ``SPCONV_BACKEND=triton`` and ``TRITON_INTERPRET=1``) run on the Triton kernels of spconv.triton.
 """
+import os
 from typing import List, Tuple
 
 import torch
 
-import spconv._C  # noqa: F401  (registers torch.ops.spconv.*)
+import spconv._C  # registers torch.ops.spconv.*
 import spconv.triton as _triton  # lazy: imports triton on first use of a kernel
 from spconv.triton.dispatch import use_triton
 from spconv.pytorch import _meta  # noqa: F401  (fake kernels for torch.compile)
 
 _ops = torch.ops.spconv
+
+# Large CPU tensors: keep freed memory for reuse instead of glibc's mmap/munmap per block (each new
+# 37 MB feature map was page-faulted and zeroed again, ~25% of a SECOND forward here). Process-wide;
+# SPCONV_KEEP_FREED_MEMORY=0 keeps glibc's defaults.
+MALLOC_TUNED = os.environ.get("SPCONV_KEEP_FREED_MEMORY", "1") != "0" and spconv._C.keep_freed_memory(True)
 
 
 def _check_device(t: torch.Tensor, what: str = "features"):
