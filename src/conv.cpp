@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "spconv/bf16_gemm.h"
+#include "spconv/conv_avx512.h"
 #include "spconv/tile_gemm.h"
 
 namespace spconv {
@@ -166,6 +167,35 @@ at::Tensor gather_conv_bf16(const at::Tensor& src_in, const at::Tensor& table, c
 }
 #endif
 
+// groups == 1, fp32 or bf16 on an AVX-512 CPU: the implicit-GEMM kernels of conv_avx512.cpp.
+at::Tensor implicit_gemm_conv(const at::Tensor& src_in, const at::Tensor& table, const at::Tensor& weight,
+                              bool transpose_weight) {
+  const at::Tensor src = src_in.contiguous();
+  const int64_t n_dst = table.size(0), kv = table.size(1);
+  // mat[r] is the [C_src, C_dst] matrix of tap r
+  const at::Tensor mat = transpose_weight ? weight.permute({1, 0, 2}) : weight.permute({1, 2, 0});
+  const int64_t cs = mat.size(1), cd = mat.size(2), ldw = (cd + 15) / 16 * 16;
+  TORCH_CHECK_VALUE(src.size(1) == cs, "spconv: features have ", src.size(1), " channels, expected ", cs);
+  at::Tensor dst = at::empty({n_dst, cd}, src.options());
+  if (n_dst == 0) return dst;
+  const int32_t* tp = table.data_ptr<int32_t>();
+  if (src.scalar_type() == at::kFloat) {
+    at::Tensor packed = at::zeros({kv, cs, ldw}, weight.options());
+    packed.narrow(2, 0, cd).copy_(mat);
+    avx512_conv_fp32(src.data_ptr<float>(), cs, tp, n_dst, kv, packed.data_ptr<float>(), ldw, cd,
+                     dst.data_ptr<float>());
+  } else {
+    const int64_t kp = (cs + 1) / 2 * 2;  // source channels in pairs, interleaved: [r][kp / 2][ldw][2]
+    at::Tensor padded = at::zeros({kv, kp, ldw}, weight.options());
+    padded.narrow(1, 0, cs).narrow(2, 0, cd).copy_(mat);
+    at::Tensor packed = padded.view({kv, kp / 2, 2, ldw}).transpose(2, 3).contiguous();
+    avx512_conv_bf16(reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>()), cs, tp, n_dst, kv,
+                     reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), ldw, cd,
+                     reinterpret_cast<uint16_t*>(dst.data_ptr<at::BFloat16>()));
+  }
+  return dst;
+}
+
 at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& table, const at::Tensor& weight, int64_t groups,
                        bool transpose_weight) {
   check_table(table, src);
@@ -174,6 +204,10 @@ at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& table, const at:
   TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, "spconv: C_out must be divisible by groups");
   TORCH_CHECK_VALUE(weight.scalar_type() == src.scalar_type(), "spconv: features are ", src.scalar_type(),
                     " but weight is ", weight.scalar_type(), "; cast one to the other's dtype");
+  if (groups == 1 && src.scalar_type() == at::kFloat && avx512_conv_available())
+    return implicit_gemm_conv(src, table, weight, transpose_weight);
+  if (groups == 1 && src.scalar_type() == at::kBFloat16 && avx512_bf16_conv_available())
+    return implicit_gemm_conv(src, table, weight, transpose_weight);
 #ifdef SPCONV_HAS_BF16_KERNEL
   if (src.scalar_type() == at::kBFloat16 && cpu_has_avx512_bf16())
     return gather_conv_bf16(src, table, weight, groups, transpose_weight);
@@ -246,7 +280,9 @@ at::Tensor gather_conv_weight_grad_typed(const at::Tensor& src_in, const at::Ten
   at::Tensor sum = at::from_blob(partial.data(), {kv, groups, c_out_g, c_in_g},
                                  at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value));
   // [K, G, C_out_g, C_in_g] -> [C_out, K, C_in_g]
-  return sum.permute({1, 2, 0, 3}).reshape({c_out, kv, c_in_g}).to(src.scalar_type()).clone();
+  at::Tensor out = at::empty({c_out, kv, c_in_g}, src.options());
+  out.view({groups, c_out_g, kv, c_in_g}).copy_(sum.permute({1, 2, 0, 3}));
+  return out;
 }
 
 at::Tensor gather_conv_weight_grad(const at::Tensor& src, const at::Tensor& table, const at::Tensor& dout,
@@ -257,6 +293,24 @@ at::Tensor gather_conv_weight_grad(const at::Tensor& src, const at::Tensor& tabl
   TORCH_CHECK_VALUE(src.scalar_type() == dout.scalar_type(), "spconv: features and gradient dtypes differ");
   TORCH_CHECK_VALUE(groups >= 1 && src.size(1) % groups == 0 && dout.size(1) % groups == 0,
                     "spconv: channels must be divisible by groups");
+  const bool fp32 = src.scalar_type() == at::kFloat, bf16 = src.scalar_type() == at::kBFloat16;
+  if (groups == 1 && (fp32 || bf16) && avx512_conv_available()) {
+    const at::Tensor s = src.contiguous(), d = dout.contiguous();
+    const int64_t kv = table.size(1), c_in = s.size(1), c_out = d.size(1);
+    at::Tensor dw = at::empty({kv, c_in, c_out}, src.options().dtype(at::kFloat));  // [K, C_in, C_out]
+    if (fp32) {
+      avx512_conv_weight_grad_fp32(s.data_ptr<float>(), c_in, table.data_ptr<int32_t>(), table.size(0), kv,
+                                   d.data_ptr<float>(), c_out, dw.data_ptr<float>());
+    } else {
+      avx512_conv_weight_grad_bf16(reinterpret_cast<const uint16_t*>(s.data_ptr<at::BFloat16>()), c_in,
+                                   table.data_ptr<int32_t>(), table.size(0), kv,
+                                   reinterpret_cast<const uint16_t*>(d.data_ptr<at::BFloat16>()), c_out,
+                                   dw.data_ptr<float>());
+    }
+    at::Tensor out = at::empty({c_out, kv, c_in}, src.options());  // [C_out, K, C_in]
+    out.copy_(dw.permute({2, 0, 1}));
+    return out;
+  }
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, src.scalar_type(), "spconv_conv_weight_grad", [&] {
     out = gather_conv_weight_grad_typed<scalar_t>(src, table, dout, groups);

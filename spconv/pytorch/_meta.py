@@ -7,7 +7,7 @@ Registered (shapes as the C++ kernels produce them):
 - ``gather_conv(features [N_in, C_in], table [N_out, K], weight [C_out, K, C_in/g], groups, transpose)``
   -> ``[N_out, C_out]`` (``[N_out, g * weight.size(2)]`` when ``transpose``), features' dtype
 - ``gather_conv_weight_grad(features [N_in, C_in], table [N_out, K], out_grad [N_out, C_out], groups)``
-  -> ``[C_out, K, C_in/g]`` with strides ``(C_in/g, C_out * C_in/g, 1)``, as the kernel returns it
+  -> ``[C_out, K, C_in/g]`` (contiguous)
 - ``maxpool_forward(features [N_in, C], table [N_out, K])`` -> ``([N_out, C], argmax [N_out, C] int32)``
 - ``maxpool_backward(out_grad [N_out, C], argmax, table_in [N_in, K])`` -> ``[N_in, C]``
 - ``avgpool_forward(features [N_in, C], table [N_out, K])`` -> ``[N_out, C]``
@@ -46,9 +46,8 @@ def _gather_conv(features, table, weight, groups, transpose_weight):
 
 @_register("gather_conv_weight_grad")
 def _gather_conv_weight_grad(features, table, out_grad, groups):
-    # the kernel returns a permuted view of its [K, C_out, C_in/g] sums: strides (C_in/g, C_out * C_in/g, 1)
     c_out, kv, c_in_g = out_grad.size(1), table.size(1), features.size(1) // groups
-    return features.new_empty_strided((c_out, kv, c_in_g), (c_in_g, c_out * c_in_g, 1))
+    return features.new_empty((c_out, kv, c_in_g))
 
 
 @_register("maxpool_forward")

@@ -1,0 +1,93 @@
+"""The CPU conv kernels at every register blocking: channel counts from 1 to 130 (1-4 vectors of 16 columns,
+column tails, row remainders of 8/4/2/1, odd bf16 channel pairs), several destination tiles, against dense
+conv3d in float64 (forward, input and weight gradients), bf16 against the same reference on bf16-rounded
+inputs, and bitwise equality across thread counts."""
+import pytest
+import torch
+
+import spconv.pytorch as spconv
+from helpers import dense_conv, gather_sites, random_sparse, to_dense, torch_conv_weight
+
+SHAPE = (14, 13, 12)
+CHANNELS = [(1, 1), (3, 5), (4, 16), (16, 16), (5, 17), (16, 32), (33, 48), (32, 64), (64, 64), (70, 130),
+            (128, 96)]
+
+
+def _reference(features, indices, weight, subm):
+    """Dense float64 conv3d of the densified input, read back at the output sites, and its gradients."""
+    f = features.detach().double().requires_grad_(True)
+    w = weight.detach().double().requires_grad_(True)
+    dense = to_dense(f, indices, SHAPE, 1)
+    out = dense_conv(dense, torch_conv_weight(w), [1] * 3, [1] * 3 if subm else [0] * 3, [1] * 3)
+    return f, w, out
+
+
+def _run(cin, cout, dtype, subm, seed):
+    torch.manual_seed(seed)
+    features, indices = random_sparse(SHAPE, 1, 0.35, cin, seed=seed)
+    features = features.to(dtype)
+    conv = (spconv.SubMConv3d(cin, cout, 3, bias=False, indice_key="k") if subm else
+            spconv.SparseConv3d(cin, cout, 3, bias=False)).to(dtype)
+    x = spconv.SparseConvTensor(features.clone().requires_grad_(True), indices, SHAPE, 1)
+    out = conv(x)
+    grad = torch.randn(out.features.shape, dtype=torch.float64)
+    out.features.backward(grad.to(dtype))
+    f, w, ref_dense = _reference(features, indices, conv.weight, subm)
+    ref = gather_sites(ref_dense, out.indices)
+    ref.backward(grad)
+    return out.features.double(), ref, x.features.grad.double(), f.grad, conv.weight.grad.double(), w.grad
+
+
+def _close(actual, expected, rel):
+    scale = expected.abs().max().clamp(min=1e-6)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rel, f"max error {float(err):.2e} of the largest value (tolerance {rel:.0e})"
+
+
+@pytest.mark.parametrize("cin,cout", CHANNELS)
+@pytest.mark.parametrize("subm", [True, False], ids=["subm", "regular"])
+def test_fp32_kernels_match_dense_conv3d(cin, cout, subm):
+    out, ref, dx, dx_ref, dw, dw_ref = _run(cin, cout, torch.float32, subm, seed=cin * 131 + cout)
+    assert out.shape[0] > 384, "the input must span several destination tiles"
+    _close(out, ref, 1e-5)
+    _close(dx, dx_ref, 1e-5)
+    _close(dw, dw_ref, 1e-5)
+
+
+@pytest.mark.parametrize("cin,cout", [(3, 5), (5, 17), (16, 32), (33, 48), (64, 64), (70, 130)])
+def test_bf16_kernels_match_dense_conv3d(cin, cout):
+    # the reference sees the same bf16-rounded features and weights; only accumulation and output rounding differ
+    out, ref, dx, dx_ref, dw, dw_ref = _run(cin, cout, torch.bfloat16, True, seed=cin + cout)
+    _close(out, ref, 1e-2)
+    _close(dx, dx_ref, 1e-2)
+    _close(dw, dw_ref, 1e-2)
+
+
+@pytest.mark.parametrize("cin,cout", [(16, 16), (64, 64), (33, 48)])
+def test_bitwise_equal_across_thread_counts(cin, cout):
+    features, indices = random_sparse(SHAPE, 2, 0.3, cin, seed=7)
+    conv = spconv.SubMConv3d(cin, cout, 3, bias=False)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            x = spconv.SparseConvTensor(features.clone().requires_grad_(True), indices, SHAPE, 2)
+            out = conv(x)
+            out.features.square().sum().backward()
+            results.append((out.features.detach().clone(), x.features.grad.clone(), conv.weight.grad.clone()))
+            conv.weight.grad = None
+    finally:
+        torch.set_num_threads(threads)
+    (o1, dx1, dw1), (o2, dx2, dw2) = results
+    assert torch.equal(o1, o2) and torch.equal(dx1, dx2)
+    # weight gradients are per-thread partial sums: equal up to fp32 summation order
+    torch.testing.assert_close(dw1, dw2, rtol=1e-5, atol=1e-5)
+
+
+def test_keep_freed_memory_toggles_and_reports():
+    import spconv._C as C
+    from spconv.pytorch import ops
+    assert isinstance(ops.MALLOC_TUNED, bool)
+    assert C.keep_freed_memory(False) in (True, False)
+    assert C.keep_freed_memory(True) == ops.MALLOC_TUNED or not ops.MALLOC_TUNED
