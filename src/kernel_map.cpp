@@ -84,14 +84,22 @@ inline bool input_of(const ConvGeometry& g, bool transposed, const Coord& y, int
   return true;
 }
 
-// Position of the first key >= target, searching forward from p (p < 0: not placed yet).
+// Position of the first key >= target, searching forward from p (p < 0: not placed yet): a few linear
+// steps, then galloping (doubling steps, then a binary search in the last gap) so that long jumps stay
+// near p in memory.
 inline int64_t seek(const int64_t* keys, int64_t n, int64_t p, int64_t target) {
   if (p < 0) return std::lower_bound(keys, keys + n, target) - keys;
-  for (int steps = 0; steps < 32; ++steps) {
+  for (int steps = 0; steps < 8; ++steps) {
     if (p >= n || keys[p] >= target) return p;
     ++p;
   }
-  return std::lower_bound(keys + p, keys + n, target) - keys;
+  int64_t step = 8, lo = p;
+  while (p + step < n && keys[p + step] < target) {
+    lo = p + step;
+    step *= 2;
+  }
+  const int64_t hi = std::min(n, p + step + 1);
+  return std::lower_bound(keys + lo, keys + hi, target) - keys;
 }
 
 // Fills nbr[out_row, r] for outputs visited in increasing key order: out_keys[o] (sorted), out_rows[o].
@@ -183,6 +191,104 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
   });
 }
 
+// Where the sorted input sites of each grid row (all dimensions but the last, batch included) start:
+// row r holds the sorted positions start[r] .. start[r + 1] - 1, whose last coordinates are last[...].
+struct RowIndex {
+  std::vector<int32_t> start, last;
+};
+
+// Builds the row index, or returns false when the grid has too many rows for a dense row table or rows too
+// long for merge_rows' dense line (the callers then fall back to merge_taps).
+bool build_row_index(const SortedSites& in, const Coord& shape, int ndim, int64_t batch_size, RowIndex* ri) {
+  const int64_t n = in.keys.size(), x_size = shape[ndim - 1];
+  if (x_size > (int64_t(1) << 22)) return false;  // merge_rows keeps one dense line of this length per thread
+  int64_t rows = batch_size;
+  for (int d = 0; d < ndim - 1; ++d) {
+    rows *= shape[d];
+    if (rows > 16 * n + (int64_t(1) << 20)) return false;
+  }
+  ri->start.assign(rows + 1, 0);
+  ri->last.resize(n);
+  int64_t r = 0, row_end = 0;  // keys are sorted: divide only where a new row starts
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t key = in.keys[i];
+    if (key >= row_end) {
+      r = key / x_size;
+      row_end = (r + 1) * x_size;
+    }
+    ri->last[i] = static_cast<int32_t>(key - r * x_size);
+    ++ri->start[r + 1];
+  }
+  for (int64_t r = 0; r < rows; ++r) ri->start[r + 1] += ri->start[r];
+  return true;
+}
+
+// Input coordinate along dimension d that output coordinate y reads through kernel offset k, or -1.
+inline int64_t input_coord(const ConvGeometry& g, bool transposed, int d, int64_t y, int64_t k) {
+  int64_t v;
+  if (transposed) {
+    const int64_t t = y + g.padding[d] - k * g.dilation[d];
+    if (t < 0) return -1;
+    const uint32_t q = static_cast<uint32_t>(t) / static_cast<uint32_t>(g.stride[d]);  // coordinates fit 31 bits
+    if (int64_t(q) * g.stride[d] != t) return -1;
+    v = q;
+  } else {
+    v = y * g.stride[d] - g.padding[d] + k * g.dilation[d];
+  }
+  return (v >= 0 && v < g.in_shape[d]) ? v : -1;
+}
+
+// Fills nbr through the row index. Outputs are visited in the order o = 0..m-1 with row j = order[o] (or
+// o) and coordinates coords[j] ([b, y...] int32), which must group outputs of one grid row (all
+// dimensions but the last) together, as sorted sites do. For each such run of outputs and each tap row
+// (the kernel offsets of all dimensions but the last), the single input row it reads is spread into a
+// dense per-thread line indexed by the last coordinate; every tap along the last dimension is then one
+// branch-free load.
+void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, const RowIndex& ri, int64_t m,
+                const int32_t* coords, const int32_t* order, int32_t* nbr) {
+  const int ndim = g.ndim, last = ndim - 1;
+  const int64_t kv = g.kernel_volume, k_last = g.ksize[last];
+  const int32_t* rows = in.rows.data();
+  const int32_t* start = ri.start.data();
+  const int32_t* xs = ri.last.data();
+  auto row_of = [&](int64_t o) { return order ? int64_t(order[o]) : o; };
+  auto same_row = [&](const int32_t* a, const int32_t* b) {
+    for (int d = 0; d < ndim; ++d)  // batch and all dimensions but the last
+      if (a[d] != b[d]) return false;
+    return true;
+  };
+  at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> line(g.in_shape[last], -1);
+    for (int64_t run0 = begin; run0 < end;) {
+      const int32_t* c0 = coords + row_of(run0) * (ndim + 1);
+      int64_t run1 = run0 + 1;
+      while (run1 < end && same_row(coords + row_of(run1) * (ndim + 1), c0)) ++run1;
+      for (int64_t row0 = 0; row0 < kv; row0 += k_last) {
+        int64_t r = c0[0];
+        bool inside = true;
+        for (int d = 0; d < last; ++d) {
+          const int64_t x = input_coord(g, transposed, d, c0[1 + d], g.offsets[row0][d]);
+          inside &= x >= 0;
+          r = r * g.in_shape[d] + x;
+        }
+        const int32_t lo = inside ? start[r] : 0, hi = inside ? start[r + 1] : 0;
+        for (int32_t q = lo; q < hi; ++q) line[xs[q]] = rows[q];
+        for (int64_t o = run0; o < run1; ++o) {
+          const int64_t j = row_of(o);
+          const int64_t y = coords[j * (ndim + 1) + ndim];
+          int32_t* cells = nbr + j * kv + row0;
+          for (int64_t rl = 0; rl < k_last; ++rl) {
+            const int64_t x = lo < hi ? input_coord(g, transposed, last, y, rl) : -1;
+            cells[rl] = x >= 0 ? line[x] : -1;
+          }
+        }
+        for (int32_t q = lo; q < hi; ++q) line[xs[q]] = -1;
+      }
+      run0 = run1;
+    }
+  });
+}
+
 // SubM: out sites == in sites; nbr[j, r] = row of site (y - pad + r * dil) with pad = (k // 2) * dil.
 at::Tensor build_subm_map(const at::Tensor& indices, int64_t batch_size, at::IntArrayRef spatial_shape,
                           at::IntArrayRef ksize, at::IntArrayRef dilation) {
@@ -193,7 +299,12 @@ at::Tensor build_subm_map(const at::Tensor& indices, int64_t batch_size, at::Int
   ConvGeometry g(ndim, spatial_shape, spatial_shape, ksize, ones, pad, dilation);
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
   at::Tensor nbr = at::empty({indices.size(0), g.kernel_volume}, indices.options());
-  merge_taps(g, false, in, in.keys, in.rows.data(), nbr.data_ptr<int32_t>());
+  RowIndex ri;
+  if (build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
+    merge_rows(g, false, in, ri, indices.size(0), indices.data_ptr<int32_t>(), in.rows.data(), nbr.data_ptr<int32_t>());
+  } else {
+    merge_taps(g, false, in, in.keys, in.rows.data(), nbr.data_ptr<int32_t>());
+  }
   return nbr;
 }
 
@@ -212,79 +323,152 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   const int32_t* idx = indices.data_ptr<int32_t>();
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
 
-  // every output key any input reaches (per dimension: the taps that land on an output), per thread,
-  // then one sort-unique
+  // every output key any input reaches, per thread, then one sort-unique. Per dimension d and input
+  // coordinate x, reach[d][x * k_d ...] lists the key contributions y * out_stride[d] of the outputs that x
+  // reaches (-1 ends a list): built once per call, so the per-site loop has no divisions.
   Coord out_stride{};
   int64_t out_volume = 1;
   for (int d = ndim - 1; d >= 0; --d) {
     out_stride[d] = out_volume;
     out_volume *= g.out_shape[d];
   }
-  const int threads = at::get_num_threads();
-  std::vector<std::vector<int64_t>> found(threads);
-  at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t>& out = found[at::get_thread_num()];
-    std::array<std::vector<int64_t>, kMaxDim> reach;  // per dimension: key contributions of reachable outputs
-    for (int64_t i = begin; i < end; ++i) {
-      int64_t b;
-      Coord x;
-      read_coord(idx + i * (ndim + 1), ndim, &b, &x);
-      bool any = true;
-      for (int d = 0; d < ndim && any; ++d) {
-        reach[d].clear();
-        for (int64_t rd = 0; rd < g.ksize[d]; ++rd) {
-          int64_t y;
-          if (transposed) {
-            y = x[d] * g.stride[d] - g.padding[d] + rd * g.dilation[d];
-          } else {
-            const int64_t t = x[d] + g.padding[d] - rd * g.dilation[d];
-            if (t < 0 || t % g.stride[d] != 0) continue;
-            y = t / g.stride[d];
-          }
-          if (y >= 0 && y < g.out_shape[d]) reach[d].push_back(y * out_stride[d]);
-        }
-        any = !reach[d].empty();
+  // reach_of(d, x, list): the key contributions of the outputs x reaches along d, -1 after the last
+  auto reach_of = [&](int d, int64_t x, int64_t* list) {
+    const int64_t k = g.ksize[d];
+    int64_t* p = list;
+    for (int64_t rd = 0; rd < k; ++rd) {
+      int64_t y;
+      if (transposed) {
+        y = x * g.stride[d] - g.padding[d] + rd * g.dilation[d];
+      } else {
+        const int64_t t = x + g.padding[d] - rd * g.dilation[d];
+        if (t < 0 || t % g.stride[d] != 0) continue;
+        y = t / g.stride[d];
       }
-      if (!any) continue;
-      // cartesian product of the per-dimension lists (odometer over ndim <= 4 digits)
-      std::array<size_t, kMaxDim> digit{};
-      while (true) {
-        int64_t key = b * out_volume;
-        for (int d = 0; d < ndim; ++d) key += reach[d][digit[d]];
-        out.push_back(key);
-        int d = ndim - 1;
-        while (d >= 0 && ++digit[d] == reach[d].size()) digit[d--] = 0;
-        if (d < 0) break;
-      }
+      if (y >= 0 && y < g.out_shape[d]) *p++ = y * out_stride[d];
     }
-  });
-  std::vector<int64_t> keys;
-  size_t total = 0;
-  for (auto& f : found) total += f.size();
-  keys.reserve(total);
-  for (auto& f : found) {
-    keys.insert(keys.end(), f.begin(), f.end());
-    std::vector<int64_t>().swap(f);
+    for (; p < list + k; ++p) *p = -1;
+  };
+  std::array<std::vector<int64_t>, kMaxDim> reach;  // empty for a dimension too long for a table
+  for (int d = 0; d < ndim; ++d) {
+    if (g.in_shape[d] * g.ksize[d] > (int64_t(1) << 22)) continue;
+    reach[d].resize(g.in_shape[d] * g.ksize[d]);
+    for (int64_t x = 0; x < g.in_shape[d]; ++x) reach_of(d, x, reach[d].data() + x * g.ksize[d]);
   }
-  std::vector<int32_t> no_vals;
-  radix_sort(keys, no_vals, max_key(batch_size, g.out_shape, ndim));
-  keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  // calls emit(key) for every output key input i reaches (cartesian product of the per-dimension lists)
+  auto for_each_reached = [&](int64_t i, std::array<std::vector<int64_t>, kMaxDim>& local, auto&& emit) {
+    const int32_t* row = idx + i * (ndim + 1);
+    const int64_t* lists[kMaxDim];
+    bool any = true;
+    for (int d = 0; d < ndim; ++d) {
+      if (reach[d].empty()) {
+        reach_of(d, row[1 + d], local[d].data());
+        lists[d] = local[d].data();
+      } else {
+        lists[d] = reach[d].data() + int64_t(row[1 + d]) * g.ksize[d];
+      }
+      any &= lists[d][0] >= 0;
+    }
+    if (!any) return;
+    const int64_t base = int64_t(row[0]) * out_volume;
+    std::array<int64_t, kMaxDim> digit{};  // odometer over ndim <= 4 digits
+    while (true) {
+      int64_t key = base;
+      for (int d = 0; d < ndim; ++d) key += lists[d][digit[d]];
+      emit(key);
+      int d = ndim - 1;
+      while (d >= 0 && (++digit[d] == g.ksize[d] || lists[d][digit[d]] < 0)) digit[d--] = 0;
+      if (d < 0) break;
+    }
+  };
+  auto make_local = [&] {
+    std::array<std::vector<int64_t>, kMaxDim> local;
+    for (int d = 0; d < ndim; ++d)
+      if (reach[d].empty()) local[d].resize(g.ksize[d]);
+    return local;
+  };
+  std::vector<int64_t> keys;
+  const int64_t words = (max_key(batch_size, g.out_shape, ndim) + 64) / 64;
+  if (words <= std::max<int64_t>(int64_t(1) << 20, 16 * n)) {
+    // the output grid as a bitmap: set every reached bit (in parallel), then read the set bits in order
+    std::vector<uint64_t> bitmap(words, 0);
+    uint64_t* bm = bitmap.data();
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      auto local = make_local();
+      for (int64_t i = begin; i < end; ++i)
+        for_each_reached(i, local, [&](int64_t key) {
+          const uint64_t bit = uint64_t(1) << (key & 63);
+          if (!(__atomic_load_n(bm + (key >> 6), __ATOMIC_RELAXED) & bit))
+            __atomic_fetch_or(bm + (key >> 6), bit, __ATOMIC_RELAXED);
+        });
+    });
+    constexpr int64_t kBlock = 8192;  // words per block
+    const int64_t blocks = (words + kBlock - 1) / kBlock;
+    std::vector<int64_t> offset(blocks + 1, 0);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        int64_t c = 0;
+        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w) c += __builtin_popcountll(bm[w]);
+        offset[blk + 1] = c;
+      }
+    });
+    for (int64_t blk = 0; blk < blocks; ++blk) offset[blk + 1] += offset[blk];
+    keys.resize(offset[blocks]);
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t blk = begin; blk < end; ++blk) {
+        int64_t pos = offset[blk];
+        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w)
+          for (uint64_t x = bm[w]; x; x &= x - 1) keys[pos++] = w * 64 + __builtin_ctzll(x);
+      }
+    });
+  } else {
+    // grids too large for a bitmap: collect the keys per thread, then one sort-unique
+    std::vector<std::vector<int64_t>> found(at::get_num_threads());
+    at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
+      std::vector<int64_t>& out = found[at::get_thread_num()];
+      auto local = make_local();
+      for (int64_t i = begin; i < end; ++i) for_each_reached(i, local, [&](int64_t key) { out.push_back(key); });
+    });
+    size_t total = 0;
+    for (auto& f : found) total += f.size();
+    keys.reserve(total);
+    for (auto& f : found) {
+      keys.insert(keys.end(), f.begin(), f.end());
+      std::vector<int64_t>().swap(f);
+    }
+    std::vector<int32_t> no_vals;
+    radix_sort(keys, no_vals, max_key(batch_size, g.out_shape, ndim));
+    keys.erase(std::unique(keys.begin(), keys.end()), keys.end());
+  }
   const int64_t m = static_cast<int64_t>(keys.size());
   TORCH_CHECK_VALUE(m < (int64_t(1) << 31), "spconv: more than 2^31-1 output sites");
 
   at::Tensor out_indices = at::empty({m, ndim + 1}, indices.options());
   int32_t* oidx = out_indices.data_ptr<int32_t>();
+  const int64_t x_size = g.out_shape[ndim - 1];
   at::parallel_for(0, m, 16384, [&](int64_t begin, int64_t end) {
+    int64_t row_begin = -1, row_end = -1;  // keys are sorted: decode the row only when it changes
+    int64_t b = 0;
+    Coord y{};
     for (int64_t j = begin; j < end; ++j) {
-      int64_t b;
-      Coord y;
-      decode_key(keys[j], g.out_shape, ndim, &b, &y);
-      oidx[j * (ndim + 1)] = static_cast<int32_t>(b);
-      for (int d = 0; d < ndim; ++d) oidx[j * (ndim + 1) + 1 + d] = static_cast<int32_t>(y[d]);
+      if (keys[j] >= row_end) {
+        decode_key(keys[j], g.out_shape, ndim, &b, &y);
+        row_begin = keys[j] - y[ndim - 1];
+        row_end = row_begin + x_size;
+      }
+      int32_t* o = oidx + j * (ndim + 1);
+      o[0] = static_cast<int32_t>(b);
+      for (int d = 0; d < ndim - 1; ++d) o[1 + d] = static_cast<int32_t>(y[d]);
+      o[ndim] = static_cast<int32_t>(keys[j] - row_begin);
     }
   });
   at::Tensor nbr = at::empty({m, g.kernel_volume}, indices.options());
-  merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());
+  RowIndex ri;
+  if (build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
+    merge_rows(g, transposed, in, ri, m, oidx, nullptr, nbr.data_ptr<int32_t>());
+  } else {
+    merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());
+  }
   return {out_indices, nbr};
 }
 
