@@ -201,7 +201,7 @@ struct RowIndex {
 // long for merge_rows' dense line (the callers then fall back to merge_taps).
 bool build_row_index(const SortedSites& in, const Coord& shape, int ndim, int64_t batch_size, RowIndex* ri) {
   const int64_t n = in.keys.size(), x_size = shape[ndim - 1];
-  if (x_size > (int64_t(1) << 22)) return false;  // merge_rows keeps one dense line of this length per thread
+  if (x_size > (int64_t(1) << 20)) return false;  // merge_rows keeps one dense line of this length per thread
   int64_t rows = batch_size;
   for (int d = 0; d < ndim - 1; ++d) {
     rows *= shape[d];
@@ -351,7 +351,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   };
   std::array<std::vector<int64_t>, kMaxDim> reach;  // empty for a dimension too long for a table
   for (int d = 0; d < ndim; ++d) {
-    if (g.in_shape[d] * g.ksize[d] > (int64_t(1) << 22)) continue;
+    if (g.in_shape[d] * g.ksize[d] > (int64_t(1) << 20)) continue;
     reach[d].resize(g.in_shape[d] * g.ksize[d]);
     for (int64_t x = 0; x < g.in_shape[d]; ++x) reach_of(d, x, reach[d].data() + x * g.ksize[d]);
   }

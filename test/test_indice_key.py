@@ -97,3 +97,25 @@ def test_huge_grid_int64_keys_match_small_grid():
     down_small = net[1](net[0](spconv.SparseConvTensor(feats, idx, small_shape, 3)))
     down_big = net[1](net[0](spconv.SparseConvTensor(feats, big_idx, big_shape, 3)))
     assert torch.equal(down_big.indices - shift // 2, down_small.indices)
+
+
+def test_long_last_dimension_matches_small_grid():
+    """A 2-D grid whose last dimension is too long for the dense per-row line and the reach tables of the
+    kernel-map builder (its fallbacks) gives the same results as a small grid with the same sites."""
+    feats, idx = random_sparse([6, 40], 2, 0.3, 3, seed=5)
+    small_shape = [8, 44]
+    big_shape = [8, 3_000_000]
+    shift = torch.tensor([0, 0, 2_999_950], dtype=torch.int32)  # even: same stride-2 alignment
+    big_idx = (idx + shift).contiguous()
+    torch.manual_seed(0)
+    net = spconv.SparseSequential(spconv.SubMConv2d(3, 5, 3, indice_key="s"),
+                                  spconv.SparseConv2d(5, 4, 3, 2, 1, indice_key="d"),
+                                  spconv.SubMConv2d(4, 4, 3, indice_key="s2"),
+                                  spconv.SparseInverseConv2d(4, 3, 3, indice_key="d"))
+    small = net(spconv.SparseConvTensor(feats, idx, small_shape, 2))
+    big = net(spconv.SparseConvTensor(feats, big_idx, big_shape, 2))
+    assert torch.equal(big.indices, big_idx)
+    torch.testing.assert_close(big.features, small.features)
+    down_small = net[1](net[0](spconv.SparseConvTensor(feats, idx, small_shape, 2)))
+    down_big = net[1](net[0](spconv.SparseConvTensor(feats, big_idx, big_shape, 2)))
+    assert torch.equal(down_big.indices - shift // 2, down_small.indices)
