@@ -242,12 +242,20 @@ inline int64_t input_coord(const ConvGeometry& g, bool transposed, int d, int64_
 // o) and coordinates coords[j] ([b, y...] int32), which must group outputs of one grid row (all
 // dimensions but the last) together, as sorted sites do. For each such run of outputs and each tap row
 // (the kernel offsets of all dimensions but the last), the single input row it reads is spread into a
-// dense per-thread line indexed by the last coordinate; every tap along the last dimension is then one
-// branch-free load.
-void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, const RowIndex& ri, int64_t m,
-                const int32_t* coords, const int32_t* order, int32_t* nbr) {
+// dense per-thread line indexed by the last coordinate (with margins that read as -1, so taps that fall
+// off the grid need no test); every tap along the last dimension is then one load.
+template <bool kTransposed>
+void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri, int64_t m, const int32_t* coords,
+                const int32_t* order, int32_t* nbr) {
   const int ndim = g.ndim, last = ndim - 1;
   const int64_t kv = g.kernel_volume, k_last = g.ksize[last];
+  const int64_t s_last = g.stride[last], p_last = g.padding[last], d_last = g.dilation[last];
+  // line[margin + x] holds input x; non-transposed taps read x = y * s - p + rl * dil in
+  // [-p, (out - 1) * s - p + (k - 1) * dil], transposed ones an x in [0, in) or none
+  const int64_t margin = kTransposed ? 0 : p_last;
+  const int64_t line_size = kTransposed ? g.in_shape[last]
+                                        : std::max(g.in_shape[last], (g.out_shape[last] - 1) * s_last +
+                                                                         (k_last - 1) * d_last + 1) + margin;
   const int32_t* rows = in.rows.data();
   const int32_t* start = ri.start.data();
   const int32_t* xs = ri.last.data();
@@ -258,7 +266,8 @@ void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, c
     return true;
   };
   at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> line(g.in_shape[last], -1);
+    std::vector<int32_t> line_buf(line_size, -1);
+    int32_t* line = line_buf.data() + margin;
     for (int64_t run0 = begin; run0 < end;) {
       const int32_t* c0 = coords + row_of(run0) * (ndim + 1);
       int64_t run1 = run0 + 1;
@@ -267,19 +276,28 @@ void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, c
         int64_t r = c0[0];
         bool inside = true;
         for (int d = 0; d < last; ++d) {
-          const int64_t x = input_coord(g, transposed, d, c0[1 + d], g.offsets[row0][d]);
+          const int64_t x = input_coord(g, kTransposed, d, c0[1 + d], g.offsets[row0][d]);
           inside &= x >= 0;
           r = r * g.in_shape[d] + x;
         }
         const int32_t lo = inside ? start[r] : 0, hi = inside ? start[r + 1] : 0;
+        if (lo == hi) {  // no input in that row
+          for (int64_t o = run0; o < run1; ++o) std::fill_n(nbr + row_of(o) * kv + row0, k_last, -1);
+          continue;
+        }
         for (int32_t q = lo; q < hi; ++q) line[xs[q]] = rows[q];
         for (int64_t o = run0; o < run1; ++o) {
           const int64_t j = row_of(o);
           const int64_t y = coords[j * (ndim + 1) + ndim];
           int32_t* cells = nbr + j * kv + row0;
-          for (int64_t rl = 0; rl < k_last; ++rl) {
-            const int64_t x = lo < hi ? input_coord(g, transposed, last, y, rl) : -1;
-            cells[rl] = x >= 0 ? line[x] : -1;
+          if (kTransposed) {
+            for (int64_t rl = 0; rl < k_last; ++rl) {
+              const int64_t x = input_coord(g, true, last, y, rl);
+              cells[rl] = x >= 0 ? line[x] : -1;
+            }
+          } else {
+            const int32_t* window = line + (y * s_last - p_last);
+            for (int64_t rl = 0; rl < k_last; ++rl) cells[rl] = window[rl * d_last];
           }
         }
         for (int32_t q = lo; q < hi; ++q) line[xs[q]] = -1;
@@ -287,6 +305,15 @@ void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, c
       run0 = run1;
     }
   });
+}
+
+void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, const RowIndex& ri, int64_t m,
+                const int32_t* coords, const int32_t* order, int32_t* nbr) {
+  if (transposed) {
+    merge_rows<true>(g, in, ri, m, coords, order, nbr);
+  } else {
+    merge_rows<false>(g, in, ri, m, coords, order, nbr);
+  }
 }
 
 // SubM: out sites == in sites; nbr[j, r] = row of site (y - pad + r * dil) with pad = (k // 2) * dil.
@@ -307,6 +334,17 @@ at::Tensor build_subm_map(const at::Tensor& indices, int64_t batch_size, at::Int
   }
   return nbr;
 }
+
+// 64-bit popcount; with the POPCNT instruction where the CPU has it (the build targets baseline x86-64)
+#if defined(__GNUC__) && defined(__x86_64__)
+__attribute__((target("popcnt"))) int64_t popcount_hw(uint64_t x) { return __builtin_popcountll(x); }
+int64_t popcount64(uint64_t x) {
+  static const bool has = __builtin_cpu_supports("popcnt");
+  return has ? popcount_hw(x) : __builtin_popcountll(x);
+}
+#else
+inline int64_t popcount64(uint64_t x) { return __builtin_popcountll(x); }
+#endif
 
 int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
 
@@ -389,7 +427,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   };
   std::vector<int64_t> keys;
   const int64_t words = (max_key(batch_size, g.out_shape, ndim) + 64) / 64;
-  if (words <= std::max<int64_t>(int64_t(1) << 20, 16 * n)) {
+  if (words <= std::max<int64_t>(int64_t(1) << 14, 4 * n)) {  // scanning stays cheaper than sorting
     // the output grid as a bitmap: set every reached bit (in parallel), then read the set bits in order
     std::vector<uint64_t> bitmap(words, 0);
     uint64_t* bm = bitmap.data();
@@ -408,7 +446,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         int64_t c = 0;
-        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w) c += __builtin_popcountll(bm[w]);
+        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w) c += popcount64(bm[w]);
         offset[blk + 1] = c;
       }
     });
