@@ -104,14 +104,16 @@ def count_pairs_and_flops(model, x, spconv):
         from spconv.pytorch.conv import SparseConvolution
         from spconv.pytorch import kernel_maps  # noqa: F401  (only in this package)
     except ImportError:
-        return None, None
-    flops, map_bytes, seen = 0, 0, set()
+        return None, None, None
+    flops, map_bytes, widest, seen = 0, 0, 0, set()
 
     def hook(mod, inp, out):
-        nonlocal flops, map_bytes
+        nonlocal flops, map_bytes, widest
         data = out.indice_dict.get(mod.indice_key) if mod.indice_key else None
         if data is None:
             return
+        f_in, f_out = inp[0].features, out.features
+        widest = max(widest, f_in.numel() * f_in.element_size() + f_out.numel() * f_out.element_size())
         pairs = int((data.indice_pairs >= 0).sum())
         flops += 2 * pairs * mod.in_channels * mod.out_channels // mod.groups
         if id(data) not in seen:
@@ -124,7 +126,29 @@ def count_pairs_and_flops(model, x, spconv):
         model(x)
     for h in handles:
         h.remove()
-    return flops, map_bytes
+    return flops, map_bytes, widest
+
+
+def _vm_kb(field):
+    """VmRSS / VmHWM of this process in kB (Linux), or None."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak_rss():
+    """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def worker(args):
@@ -169,7 +193,12 @@ def worker(args):
     originals = {n: getattr(our_ops, n) for n in builders}
     for n in builders:
         setattr(our_ops, n, timed(originals[n]))
+    out = None
+    # peak memory of the first forward of this process: VmHWM reset just before it, minus the RSS then
+    can_reset = args.mode == "eval" and _reset_peak_rss()
+    rss_before = _vm_kb("VmRSS")
     for rep in range(args.reps + 1):
+        out = None  # the previous output (and the kernel maps it holds) is not kept alive during this rep
         map_times.append(0.0)
         if args.mode == "train":
             model.train()
@@ -192,6 +221,8 @@ def worker(args):
                     t0 = time.perf_counter()
                     out = model(x)
                     times.append(time.perf_counter() - t0)
+        if rep == 0 and can_reset and rss_before is not None:
+            res["fwd_peak_mb"] = (_vm_kb("VmHWM") - rss_before) / 1024
     for n in builders:
         setattr(our_ops, n, originals[n])
     res["median_s"] = statistics.median(times[1:])
@@ -210,11 +241,13 @@ def worker(args):
         res["bf16_rel_err"] = float((low - ref).abs().max() / ref.abs().max())
     if args.mode == "eval":
         model.eval()
-        flops, map_bytes = count_pairs_and_flops(model, make_input(False), spconv)
+        out = None
+        flops, map_bytes, widest = count_pairs_and_flops(model, make_input(False), spconv)
         if flops is not None:
             res["flops"] = flops
             res["map_mb"] = map_bytes / 2 ** 20
-            res["features_mb"] = (feats.numel() + out.features.numel()) * 4 / 2 ** 20
+            # what a forward must hold: its kernel maps, the network input and the widest conv's input + output
+            res["held_mb"] = (map_bytes + feats.numel() * 4 + widest) / 2 ** 20
     print(json.dumps(res))
 
 
@@ -282,7 +315,7 @@ def main(argv=None):
             workloads.append(model)
     results = []
     header = (f"{'workload':<12} {'scan':<11} {'voxels':>7} {'fwd ms':>8} {'train ms':>9} {'train/fwd':>9} "
-              f"{'map ms':>7} {'map %':>6} {'GFLOP':>6} {'GFLOP/s':>8} {'x bound':>8} {'rss MB':>7}"
+              f"{'map ms':>7} {'map %':>6} {'GFLOP':>6} {'GFLOP/s':>8} {'x bound':>8} {'peak MB':>8} {'held MB':>8}"
               + (f" {'bf16 ms':>8} {'bf16 x':>7} {'bf16 err':>9}" if True else "")
               + (f" {'other ms':>9} {'speed-up':>9}" if args.compare else ""))
     print(header)
@@ -307,7 +340,7 @@ def main(argv=None):
             line = (f"{wl:<12} {scan:<11} {ev['voxels']:>7} {fwd * 1e3:8.1f} {trn * 1e3:9.1f} {trn / fwd:9.2f} "
                     f"{ev.get('map_s', float('nan')) * 1e3:7.1f} {100 * ev.get('map_s', float('nan')) / fwd:6.1f} "
                     f"{flops / 1e9:6.2f} {gflops:8.1f} {fwd / bound if flops else float('nan'):8.2f} "
-                    f"{ev['peak_rss_mb']:7.0f}")
+                    f"{ev.get('fwd_peak_mb', float('nan')):8.0f} {ev.get('held_mb', float('nan')):8.0f}")
             if bf and "median_s" in bf:
                 line += f" {bf['median_s'] * 1e3:8.1f} {fwd / bf['median_s']:7.2f} {bf['bf16_rel_err']:9.1e}"
             else:
@@ -319,7 +352,8 @@ def main(argv=None):
                     line += f" {'error':>9} {'-':>9}"
             print(line, flush=True)
     print("x bound = forward time / (useful FLOPs / measured fp32 matmul peak); map % = kernel-map build "
-          "time / forward time; rss = peak RSS of the worker process")
+          "time / forward time; peak MB = RSS growth during the first eval forward of the process; held MB = its kernel "
+          "maps + the network input + the widest conv layer's input and output features")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "results": results}, f, indent=1)
