@@ -265,6 +265,18 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
       if (a[d] != b[d]) return false;
     return true;
   };
+  // per tap row (kernel offsets of all dimensions but the last): its key offset in input-row units
+  const int64_t tap_rows = kv / k_last;
+  std::vector<int64_t> row_delta(tap_rows, 0);
+  Coord row_stride{};  // input-row index stride of each dimension but the last
+  int64_t rs = 1;
+  for (int d = last - 1; d >= 0; --d) {
+    row_stride[d] = rs;
+    rs *= g.in_shape[d];
+  }
+  const int64_t batch_rows = rs;
+  for (int64_t t = 0; t < tap_rows; ++t)
+    for (int d = 0; d < last; ++d) row_delta[t] += g.offsets[t * k_last][d] * g.dilation[d] * row_stride[d];
   at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> line_buf(line_size, -1);
     int32_t* line = line_buf.data() + margin;
@@ -272,19 +284,34 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
       const int32_t* c0 = coords + row_of(run0) * (ndim + 1);
       int64_t run1 = run0 + 1;
       while (run1 < end && same_row(coords + row_of(run1) * (ndim + 1), c0)) ++run1;
-      for (int64_t row0 = 0; row0 < kv; row0 += k_last) {
-        int64_t r = c0[0];
+      for (int64_t o = run0; o < run1; ++o) std::fill_n(nbr + row_of(o) * kv, kv, -1);
+      Coord origin{};  // non-transposed: the input row coordinates of tap row 0, per dimension
+      int64_t base = c0[0] * batch_rows;
+      for (int d = 0; d < last; ++d) {
+        origin[d] = int64_t(c0[1 + d]) * g.stride[d] - g.padding[d];
+        base += origin[d] * row_stride[d];
+      }
+      for (int64_t t = 0; t < tap_rows; ++t) {
+        const int64_t row0 = t * k_last;
+        int64_t r;
         bool inside = true;
-        for (int d = 0; d < last; ++d) {
-          const int64_t x = input_coord(g, kTransposed, d, c0[1 + d], g.offsets[row0][d]);
-          inside &= x >= 0;
-          r = r * g.in_shape[d] + x;
+        if (kTransposed) {
+          r = c0[0];
+          for (int d = 0; d < last; ++d) {
+            const int64_t x = input_coord(g, true, d, c0[1 + d], g.offsets[row0][d]);
+            inside &= x >= 0;
+            r = r * g.in_shape[d] + x;
+          }
+        } else {
+          for (int d = 0; d < last; ++d) {
+            const int64_t x = origin[d] + g.offsets[row0][d] * g.dilation[d];
+            inside &= (x >= 0) & (x < g.in_shape[d]);
+          }
+          r = base + row_delta[t];
         }
-        const int32_t lo = inside ? start[r] : 0, hi = inside ? start[r + 1] : 0;
-        if (lo == hi) {  // no input in that row
-          for (int64_t o = run0; o < run1; ++o) std::fill_n(nbr + row_of(o) * kv + row0, k_last, -1);
-          continue;
-        }
+        if (!inside) continue;
+        const int32_t lo = start[r], hi = start[r + 1];
+        if (lo == hi) continue;  // no input in that row: the cells stay -1
         for (int32_t q = lo; q < hi; ++q) line[xs[q]] = rows[q];
         for (int64_t o = run0; o < run1; ++o) {
           const int64_t j = row_of(o);
