@@ -2,7 +2,9 @@
 column tails, row remainders of 8/4/2/1, odd bf16 channel pairs), several destination tiles, against dense
 conv3d in float64 (forward, input and weight gradients), bf16 against the same reference on bf16-rounded
 inputs, and bitwise equality across thread counts."""
-import platform
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,13 +89,27 @@ def test_bitwise_equal_across_thread_counts(cin, cout):
     torch.testing.assert_close(dw1, dw2, rtol=1e-5, atol=1e-5)
 
 
-def test_keep_freed_memory_toggles_and_reports():
-    """The opt-in allocator setting (SPCONV_KEEP_FREED_MEMORY=1) switches on and back to glibc's defaults."""
-    import spconv._C as C
+def test_caching_allocator_reuses_large_blocks():
+    """Large CPU tensors come from spconv's caching allocator: a freed block is handed out again for the next
+    tensor of that size, values written through it are intact, and small tensors are unaffected."""
     from spconv.pytorch import ops
-    assert isinstance(ops.MALLOC_TUNED, bool)
-    on_glibc = platform.libc_ver()[0] == "glibc"
-    assert C.keep_freed_memory(True) is on_glibc
-    assert C.keep_freed_memory(False) is on_glibc
-    if ops.MALLOC_TUNED:
-        C.keep_freed_memory(True)
+    if not ops.CACHING_ALLOCATOR:
+        pytest.skip("SPCONV_CPU_CACHING_ALLOCATOR=0: the caching allocator is off in this process")
+    a = torch.empty(3_000_000)  # 12 MB
+    ptr = a.data_ptr()
+    del a
+    b = torch.full((3_000_000,), 2.5)
+    assert b.data_ptr() == ptr
+    assert torch.equal(b, torch.full_like(b, 2.5))
+    c = torch.arange(10) * 2
+    assert c.tolist() == list(range(0, 20, 2))
+
+
+def test_caching_allocator_can_be_turned_off():
+    """SPCONV_CPU_CACHING_ALLOCATOR=0 keeps PyTorch's default CPU allocator (checked in a fresh process)."""
+    code = ("import spconv.pytorch, torch; from spconv.pytorch import ops; assert not ops.CACHING_ALLOCATOR; "
+            "x = spconv.pytorch.SubMConv3d(2, 2, 3)(spconv.pytorch.SparseConvTensor(torch.ones(1, 2), "
+            "torch.zeros(1, 4, dtype=torch.int32), [2, 2, 2], 1)); print('ok')")
+    env = dict(os.environ, SPCONV_CPU_CACHING_ALLOCATOR="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -15,11 +15,12 @@ from spconv.pytorch import _meta  # noqa: F401  (fake kernels for torch.compile)
 
 _ops = torch.ops.spconv
 
-# Opt-in (SPCONV_KEEP_FREED_MEMORY=1, process-wide): serve large CPU blocks from the heap and keep freed
-# memory for reuse instead of glibc's mmap/munmap per block > 32 MB, each of which the kernel page-faults
-# and zeroes again. Measured here: a SECOND forward on 156k voxels 10-15% faster, but its peak RSS about
-# 2x the features + kernel maps it holds (heap fragmentation) instead of 1.3x, hence off by default.
-MALLOC_TUNED = os.environ.get("SPCONV_KEEP_FREED_MEMORY", "0") == "1" and spconv._C.keep_freed_memory(True)
+# Large CPU tensors (>= 1 MB) come from spconv's caching allocator (src/cpu_allocator.cpp): freed blocks are
+# reused for requests of the same size instead of being unmapped by glibc and page-faulted again on the next
+# op, with live + cached memory kept within 1.25x the most ever live. Process-wide, for every CPU tensor;
+# SPCONV_CPU_CACHING_ALLOCATOR=0 (set before importing spconv) keeps PyTorch's default allocator.
+CACHING_ALLOCATOR = (os.environ.get("SPCONV_CPU_CACHING_ALLOCATOR", "1") != "0"
+                     and spconv._C.use_caching_allocator())
 
 
 def _check_device(t: torch.Tensor, what: str = "features"):
