@@ -3,7 +3,7 @@
 // glibc hands out every block above 32 MB as a fresh mmap and unmaps it on free, so each big feature map
 // or gradient of a sparse network (a [146k, 64] fp32 map is 37 MB) is page-faulted and zeroed by the kernel
 // again on every op. This allocator keeps freed blocks of >= 1 MB and hands them out again for requests of
-// the same size (up to 25% larger), as PyTorch's CUDA caching allocator does on the GPU. To bound memory,
+// the same size (a block at most 12.5% larger), as PyTorch's CUDA caching allocator does on the GPU. To bound memory,
 // before any fresh block is taken it evicts cached blocks (largest first) until live + cached bytes stay
 // within 1.25x the most bytes ever live at once. Small requests go to PyTorch's default CPU allocator.
 #include <c10/core/Allocator.h>
@@ -32,21 +32,24 @@ class CachingCPUAllocator final : public c10::Allocator {
     void* ptr = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      auto it = free_.lower_bound(size);
-      if (it != free_.end() && it->first <= size + size / 4) {
+      auto it = free_.lower_bound(size);  // the smallest cached block that fits: exact sizes recur each step
+      if (it != free_.end() && it->first <= size + size / 8) {
         ptr = it->second;
         const size_t got = it->first;
         free_.erase(it);
+        ++hits_;
         cached_ -= got;
         live_ += got;
         high_water_ = std::max(high_water_, live_);
         return make(ptr, got);
       }
+      ++misses_;
       live_ += size;
       high_water_ = std::max(high_water_, live_);
       const size_t bound = high_water_ + high_water_ / 4;
       while (!free_.empty() && live_ + cached_ > bound) {  // largest cached blocks first
         auto last = std::prev(free_.end());
+        ++evictions_;
         cached_ -= last->first;
         c10::free_cpu(last->second);
         free_.erase(last);
@@ -69,6 +72,13 @@ class CachingCPUAllocator final : public c10::Allocator {
 
   // context == data (what Allocator::raw_allocate requires): frees go through release(ptr)
   c10::DeleterFnPtr raw_deleter() const override { return &release; }
+
+  // hits, misses, evictions, live bytes, cached bytes, most bytes ever live (large blocks only)
+  void stats(uint64_t out[6]) {
+    std::lock_guard<std::mutex> lock(mu_);
+    const uint64_t v[6] = {hits_, misses_, evictions_, live_, cached_, high_water_};
+    std::copy(v, v + 6, out);
+  }
 
   void lock() { mu_.lock(); }
   void unlock() { mu_.unlock(); }
@@ -110,6 +120,7 @@ class CachingCPUAllocator final : public c10::Allocator {
   std::unordered_map<void*, size_t> sizes_;  // our live blocks
   std::multimap<size_t, void*> free_;  // cached blocks by size
   size_t live_ = 0, cached_ = 0, high_water_ = 0;
+  uint64_t hits_ = 0, misses_ = 0, evictions_ = 0;
 };
 
 CachingCPUAllocator* CachingCPUAllocator::instance = nullptr;
@@ -130,4 +141,11 @@ extern "C" bool spconv_install_caching_cpu_allocator() {
     return true;
   }();
   return installed && c10::GetCPUAllocator() == CachingCPUAllocator::instance;
+}
+
+// Fills out[6] with the caching allocator's counters (see CachingCPUAllocator::stats); false when not installed.
+extern "C" bool spconv_caching_cpu_allocator_stats(uint64_t out[6]) {
+  if (spconv::CachingCPUAllocator::instance == nullptr) return false;
+  spconv::CachingCPUAllocator::instance->stats(out);
+  return true;
 }

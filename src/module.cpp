@@ -1,18 +1,33 @@
 // Python module entry point: importing spconv._C loads the library, whose static initialisers
-// register the operators as torch.ops.spconv.*. The module itself has one function,
-// use_caching_allocator (src/cpu_allocator.cpp).
+// register the operators as torch.ops.spconv.*. The module itself has the caching allocator's two
+// functions (src/cpu_allocator.cpp): use_caching_allocator and caching_allocator_stats.
 #include <Python.h>
 
+#include <cstdint>
+
 extern "C" bool spconv_install_caching_cpu_allocator();
+extern "C" bool spconv_caching_cpu_allocator_stats(uint64_t out[6]);
 
 static PyObject* use_caching_allocator(PyObject*, PyObject*) {
   return PyBool_FromLong(spconv_install_caching_cpu_allocator());
+}
+
+static PyObject* caching_allocator_stats(PyObject*, PyObject*) {
+  uint64_t v[6];
+  if (!spconv_caching_cpu_allocator_stats(v)) Py_RETURN_NONE;
+  return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K}", "hits", (unsigned long long)v[0], "misses",
+                       (unsigned long long)v[1], "evictions", (unsigned long long)v[2], "live_bytes",
+                       (unsigned long long)v[3], "cached_bytes", (unsigned long long)v[4], "peak_live_bytes",
+                       (unsigned long long)v[5]);
 }
 
 static PyMethodDef spconv_c_methods[] = {
     {"use_caching_allocator", use_caching_allocator, METH_NOARGS,
      "use_caching_allocator() -> bool: install spconv's caching allocator for large CPU tensors as PyTorch's CPU "
      "allocator (once per process); True when it is the CPU allocator."},
+    {"caching_allocator_stats", caching_allocator_stats, METH_NOARGS,
+     "caching_allocator_stats() -> dict or None: hits, misses, evictions, live_bytes, cached_bytes, "
+     "peak_live_bytes of the caching allocator (blocks >= 1 MB); None when it is not installed."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef spconv_c_module = {PyModuleDef_HEAD_INIT, "_C", "spconv CPU kernels (torch.ops.spconv)",

@@ -103,11 +103,16 @@ def test_caching_allocator_reuses_large_blocks():
     assert torch.equal(b, torch.full_like(b, 2.5))
     c = torch.arange(10) * 2
     assert c.tolist() == list(range(0, 20, 2))
+    import spconv._C as C
+    stats = C.caching_allocator_stats()
+    assert stats["hits"] >= 1 and stats["live_bytes"] >= b.numel() * 4
+    assert stats["live_bytes"] + stats["cached_bytes"] <= 1.25 * stats["peak_live_bytes"] + 2 ** 20
 
 
 def test_caching_allocator_can_be_turned_off():
     """SPCONV_CPU_CACHING_ALLOCATOR=0 keeps PyTorch's default CPU allocator (checked in a fresh process)."""
-    code = ("import spconv.pytorch, torch; from spconv.pytorch import ops; assert not ops.CACHING_ALLOCATOR; "
+    code = ("import spconv.pytorch, torch, spconv._C; from spconv.pytorch import ops; assert not ops.CACHING_ALLOCATOR; "
+            "assert spconv._C.caching_allocator_stats() is None; "
             "x = spconv.pytorch.SubMConv3d(2, 2, 3)(spconv.pytorch.SparseConvTensor(torch.ones(1, 2), "
             "torch.zeros(1, 4, dtype=torch.int32), [2, 2, 2], 1)); print('ok')")
     env = dict(os.environ, SPCONV_CPU_CACHING_ALLOCATOR="0")

@@ -174,7 +174,6 @@ def worker(args):
 
     res = {"scan": args.scan, "model": args.model, "mode": args.mode, "voxels": int(len(idx)),
            "threads": torch.get_num_threads()}
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times, map_times = [], []
     try:
         from spconv.pytorch import ops as our_ops
@@ -233,7 +232,6 @@ def worker(args):
     if builders:
         res["map_s"] = statistics.median(map_times[1:])
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    res["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     res["out_sites"] = int(out.indices.shape[0])
     if args.mode == "bf16":
         model.eval()
