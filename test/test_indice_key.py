@@ -78,44 +78,40 @@ def test_keys_do_not_leak_into_the_input_tensor():
     assert x.indice_dict == {}
 
 
+def _check_same_as_small_grid(net, feats, idx, small_shape, big_shape, shift, batch_size):
+    """net (SubM, strided conv with indice_key, ..., inverse conv) on the sites in the big grid gives the small
+    grid's features at the shifted sites, and its strided conv the small grid's output sites shifted by half."""
+    big_idx = (idx + shift).contiguous()
+    small = net(spconv.SparseConvTensor(feats, idx, small_shape, batch_size))
+    big = net(spconv.SparseConvTensor(feats, big_idx, big_shape, batch_size))
+    assert torch.equal(big.indices, big_idx)
+    torch.testing.assert_close(big.features, small.features)
+    down_small = net[1](net[0](spconv.SparseConvTensor(feats, idx, small_shape, batch_size)))
+    down_big = net[1](net[0](spconv.SparseConvTensor(feats, big_idx, big_shape, batch_size)))
+    assert torch.equal(down_big.indices - shift // 2, down_small.indices)
+
+
 def test_huge_grid_int64_keys_match_small_grid():
     """A grid whose volume x batch passes 2^31 (int64 keys) gives the same results as a small grid
     holding the same sites shifted to the origin."""
     feats, idx = random_sparse([10, 12, 9], 3, 0.1, 4, seed=11)
-    small_shape = [14, 16, 13]  # room above the sites, so no output is clipped at the top in either grid
-    big_shape = [60000, 70000, 5000]
-    shift = torch.tensor([0, 59980, 69980, 4980], dtype=torch.int32)  # even: same stride-2 alignment
-    big_idx = (idx + shift).contiguous()
     torch.manual_seed(0)
     net = spconv.SparseSequential(spconv.SubMConv3d(4, 8, 3, indice_key="s"),
                                   spconv.SparseConv3d(8, 8, 3, 2, 1, indice_key="d"),
                                   spconv.SparseInverseConv3d(8, 4, 3, indice_key="d"))
-    small = net(spconv.SparseConvTensor(feats, idx, small_shape, 3))
-    big = net(spconv.SparseConvTensor(feats, big_idx, big_shape, 3))
-    assert torch.equal(big.indices, big_idx)
-    torch.testing.assert_close(big.features, small.features)
-    down_small = net[1](net[0](spconv.SparseConvTensor(feats, idx, small_shape, 3)))
-    down_big = net[1](net[0](spconv.SparseConvTensor(feats, big_idx, big_shape, 3)))
-    assert torch.equal(down_big.indices - shift // 2, down_small.indices)
+    # room above the sites, so no output is clipped at the top in either grid; even shift: same stride-2 alignment
+    _check_same_as_small_grid(net, feats, idx, [14, 16, 13], [60000, 70000, 5000],
+                              torch.tensor([0, 59980, 69980, 4980], dtype=torch.int32), 3)
 
 
 def test_long_last_dimension_matches_small_grid():
     """A 2-D grid whose last dimension is too long for the dense per-row line and the reach tables of the
     kernel-map builder (its fallbacks) gives the same results as a small grid with the same sites."""
     feats, idx = random_sparse([6, 40], 2, 0.3, 3, seed=5)
-    small_shape = [8, 44]
-    big_shape = [8, 3_000_000]
-    shift = torch.tensor([0, 0, 2_999_950], dtype=torch.int32)  # even: same stride-2 alignment
-    big_idx = (idx + shift).contiguous()
     torch.manual_seed(0)
     net = spconv.SparseSequential(spconv.SubMConv2d(3, 5, 3, indice_key="s"),
                                   spconv.SparseConv2d(5, 4, 3, 2, 1, indice_key="d"),
                                   spconv.SubMConv2d(4, 4, 3, indice_key="s2"),
                                   spconv.SparseInverseConv2d(4, 3, 3, indice_key="d"))
-    small = net(spconv.SparseConvTensor(feats, idx, small_shape, 2))
-    big = net(spconv.SparseConvTensor(feats, big_idx, big_shape, 2))
-    assert torch.equal(big.indices, big_idx)
-    torch.testing.assert_close(big.features, small.features)
-    down_small = net[1](net[0](spconv.SparseConvTensor(feats, idx, small_shape, 2)))
-    down_big = net[1](net[0](spconv.SparseConvTensor(feats, big_idx, big_shape, 2)))
-    assert torch.equal(down_big.indices - shift // 2, down_small.indices)
+    _check_same_as_small_grid(net, feats, idx, [8, 44], [8, 3_000_000],
+                              torch.tensor([0, 0, 2_999_950], dtype=torch.int32), 2)
