@@ -118,3 +118,16 @@ def test_caching_allocator_can_be_turned_off():
     env = dict(os.environ, SPCONV_CPU_CACHING_ALLOCATOR="0")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_portable_kernels_match_dense_conv3d():
+    """SPCONV_DISABLE_AVX512=1 runs the portable gather + GEMM kernels (what CPUs without AVX-512 use): the
+    same dense-conv3d checks, in a fresh process, for fp32 and bf16 at a few blockings."""
+    code = ("import sys; sys.path.insert(0, %r); import test_cpu_kernels as t; "
+            "[t.test_fp32_kernels_match_dense_conv3d(ci, co, s) for ci, co in [(3, 5), (16, 32), (70, 130)] "
+            "for s in (True, False)]; "
+            "[t.test_bf16_kernels_match_dense_conv3d(ci, co) for ci, co in [(5, 17), (64, 64)]]; print('ok')"
+            % os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, SPCONV_DISABLE_AVX512="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]

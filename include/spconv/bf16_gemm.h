@@ -5,6 +5,7 @@
 // Register blocking: 6 rows x up to 4 vectors of 16 columns, accumulators stay in registers.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -12,8 +13,12 @@
 
 namespace spconv {
 
-inline bool cpu_has_avx512_bf16() {
-  static const bool has = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+inline bool cpu_has_avx512_bf16() {  // SPCONV_DISABLE_AVX512=1 turns it off too (see implicit_gemm.h)
+  static const bool has = [] {
+    const char* off = std::getenv("SPCONV_DISABLE_AVX512");
+    return !(off != nullptr && off[0] != '\0' && off[0] != '0') && __builtin_cpu_supports("avx512bf16") &&
+           __builtin_cpu_supports("avx512bw");
+  }();
   return has;
 }
 

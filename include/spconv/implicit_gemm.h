@@ -11,6 +11,7 @@
 //   c[m][0:16NB] += sum_p src[s_p][i0 + m] * dout[j_p][o0 : o0 + 16NB]   (fp32 accumulation, any input type)
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -22,9 +23,19 @@
 
 namespace spconv {
 
+// SPCONV_DISABLE_AVX512=1 (read once) forces the portable kernels, e.g. to test them on an AVX-512 machine.
+inline bool avx512_disabled_by_env() {
+  static const bool off = [] {
+    const char* v = std::getenv("SPCONV_DISABLE_AVX512");
+    return v != nullptr && v[0] != '\0' && v[0] != '0';
+  }();
+  return off;
+}
+
 inline bool cpu_has_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  static const bool has = !avx512_disabled_by_env() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512dq");
   return has;
 }
 
