@@ -1,7 +1,7 @@
 """``python -m spconv``: version, backend, threads and CPU features of this installation.
 
 Prints one ``key: value`` line each: the spconv version (API level), whether the compiled CPU
-extension loads (and from where), the torch version, torch's intra-op (OpenMP) thread count, the
+extension loads (and from where), which conv kernels and CPU allocator it uses, the torch version, torch's intra-op (OpenMP) thread count, the
 CPU's AVX2 / AVX-512 / AMX flags from /proc/cpuinfo (and the kernel level torch dispatches to), and
 whether Triton imports.
 """
@@ -43,6 +43,10 @@ def info() -> dict:
         import torch
         n_ops = len([n for n in torch._C._dispatch_get_all_op_names() if n.startswith("spconv::")])
         out["backend"] = f"CPU extension loaded ({os.path.basename(ext.__file__)}, {n_ops} ops in torch.ops.spconv)"
+        out["conv kernels"] = ext.conv_kernels()
+        from spconv.pytorch import ops
+        out["cpu allocator"] = ("spconv caching allocator for tensors >= 1 MB (SPCONV_CPU_CACHING_ALLOCATOR=0 to "
+                                "turn off)" if ops.CACHING_ALLOCATOR else "PyTorch default")
     except Exception as e:
         out["backend"] = f"CPU extension NOT loaded ({type(e).__name__}: {e}); build it with bash scripts/setup.sh"
     flags = cpu_flags()

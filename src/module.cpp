@@ -1,9 +1,11 @@
 // Python module entry point: importing spconv._C loads the library, whose static initialisers
 // register the operators as torch.ops.spconv.*. The module itself has the caching allocator's two
-// functions (src/cpu_allocator.cpp): use_caching_allocator and caching_allocator_stats.
+// functions (src/cpu_allocator.cpp), use_caching_allocator and caching_allocator_stats, and conv_kernels.
 #include <Python.h>
 
 #include <cstdint>
+
+#include "spconv/implicit_gemm.h"
 
 extern "C" bool spconv_install_caching_cpu_allocator();
 extern "C" bool spconv_caching_cpu_allocator_stats(uint64_t out[6]);
@@ -21,6 +23,17 @@ static PyObject* caching_allocator_stats(PyObject*, PyObject*) {
                        (unsigned long long)v[5]);
 }
 
+// Which conv kernels this CPU runs: the AVX-512 implicit-GEMM ones or the portable gather + GEMM path.
+static PyObject* conv_kernels(PyObject*, PyObject*) {
+#ifdef SPCONV_HAS_AVX512_KERNELS
+  if (spconv::cpu_has_avx512())
+    return PyUnicode_FromString(spconv::cpu_has_avx512_bf16_dot()
+                                    ? "AVX-512 implicit GEMM (fp32 FMA, bf16 vdpbf16ps)"
+                                    : "AVX-512 implicit GEMM (fp32 FMA; bf16 through fp32)");
+#endif
+  return PyUnicode_FromString("portable gather + GEMM");
+}
+
 static PyMethodDef spconv_c_methods[] = {
     {"use_caching_allocator", use_caching_allocator, METH_NOARGS,
      "use_caching_allocator() -> bool: install spconv's caching allocator for large CPU tensors as PyTorch's CPU "
@@ -28,6 +41,8 @@ static PyMethodDef spconv_c_methods[] = {
     {"caching_allocator_stats", caching_allocator_stats, METH_NOARGS,
      "caching_allocator_stats() -> dict or None: hits, misses, evictions, live_bytes, cached_bytes, "
      "peak_live_bytes of the caching allocator (blocks >= 1 MB); None when it is not installed."},
+    {"conv_kernels", conv_kernels, METH_NOARGS,
+     "conv_kernels() -> str: the conv kernels this CPU runs (groups == 1, fp32/bf16)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static struct PyModuleDef spconv_c_module = {PyModuleDef_HEAD_INIT, "_C", "spconv CPU kernels (torch.ops.spconv)",

@@ -60,6 +60,12 @@ def test_python_m_spconv_prints_the_installation():
     if cpu_flags():  # x86 Linux: the flags line is read
         assert "AVX-512" in lines["cpu"] and "AMX" in lines["cpu"]
     assert lines["triton"].startswith(("not installed", "importable", "installed but not importable"))
+    flags = cpu_flags()
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= flags:
+        assert lines["conv kernels"].startswith("AVX-512 implicit GEMM"), lines["conv kernels"]
+    elif flags:
+        assert lines["conv kernels"] == "portable gather + GEMM"
+    assert lines["cpu allocator"].startswith("spconv caching allocator")
 
 
 def test_spconv_info_threads_and_cpu_flags(tmp_path):
