@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <tuple>
 
 #include "spconv/geometry.h"
@@ -57,7 +58,17 @@ SortedSites sort_sites(const at::Tensor& indices, const Coord& shape, int ndim, 
       s.rows[i] = static_cast<int32_t>(i);
     }
   });
-  if (!std::is_sorted(s.keys.begin(), s.keys.end())) radix_sort(s.keys, s.rows, max_key(batch_size, shape, ndim));
+  // sites that come sorted (every conv's output) need neither the sort nor the duplicate scan below
+  std::atomic<bool> increasing{true};
+  at::parallel_for(1, std::max<int64_t>(n, 1), 65536, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      if (s.keys[i] <= s.keys[i - 1]) {
+        increasing.store(false, std::memory_order_relaxed);
+        return;
+      }
+  });
+  if (increasing.load()) return s;
+  radix_sort(s.keys, s.rows, max_key(batch_size, shape, ndim));
   for (int64_t i = 1; i < n; ++i) {
     TORCH_CHECK_VALUE(s.keys[i] != s.keys[i - 1], "spconv: indices contain duplicate sites (rows ",
                       std::min(s.rows[i - 1], s.rows[i]), " and ", std::max(s.rows[i - 1], s.rows[i]),
@@ -455,17 +466,27 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   std::vector<int64_t> keys;
   const int64_t words = (max_key(batch_size, g.out_shape, ndim) + 64) / 64;
   if (words <= std::max<int64_t>(int64_t(1) << 14, 4 * n)) {  // scanning stays cheaper than sorting
-    // the output grid as a bitmap: set every reached bit (in parallel), then read the set bits in order
-    std::vector<uint64_t> bitmap(words, 0);
+    // the output grid as a bitmap: set every reached bit (in parallel), then read the set bits in order.
+    // Each thread sets bits in a bitmap of its own (no atomics) while they all fit in 32 MB; the copies are
+    // OR-ed together while the bits are counted.
+    const int64_t threads = at::get_num_threads();
+    const int64_t copies = threads > 1 && threads * words <= (int64_t(1) << 22) ? threads : 1;
+    std::vector<uint64_t> bitmap(words * copies, 0);
     uint64_t* bm = bitmap.data();
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       auto local = make_local();
-      for (int64_t i = begin; i < end; ++i)
-        for_each_reached(i, local, [&](int64_t key) {
-          const uint64_t bit = uint64_t(1) << (key & 63);
-          if (!(__atomic_load_n(bm + (key >> 6), __ATOMIC_RELAXED) & bit))
-            __atomic_fetch_or(bm + (key >> 6), bit, __ATOMIC_RELAXED);
-        });
+      if (copies > 1) {
+        uint64_t* mine = bm + at::get_thread_num() * words;
+        for (int64_t i = begin; i < end; ++i)
+          for_each_reached(i, local, [&](int64_t key) { mine[key >> 6] |= uint64_t(1) << (key & 63); });
+      } else {
+        for (int64_t i = begin; i < end; ++i)
+          for_each_reached(i, local, [&](int64_t key) {
+            const uint64_t bit = uint64_t(1) << (key & 63);
+            if (!(__atomic_load_n(bm + (key >> 6), __ATOMIC_RELAXED) & bit))
+              __atomic_fetch_or(bm + (key >> 6), bit, __ATOMIC_RELAXED);
+          });
+      }
     });
     constexpr int64_t kBlock = 8192;  // words per block
     const int64_t blocks = (words + kBlock - 1) / kBlock;
@@ -473,7 +494,10 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
         int64_t c = 0;
-        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w) c += popcount64(bm[w]);
+        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w) {
+          for (int64_t t = 1; t < copies; ++t) bm[w] |= bm[t * words + w];
+          c += popcount64(bm[w]);
+        }
         offset[blk + 1] = c;
       }
     });

@@ -131,3 +131,26 @@ def test_portable_kernels_match_dense_conv3d():
     env = dict(os.environ, SPCONV_DISABLE_AVX512="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_kernel_maps_equal_across_thread_counts():
+    """SubM and strided/transposed maps (per-thread output bitmaps with 2 threads, shared atomic bitmap
+    with 1) are identical for 1 and 2 threads."""
+    from spconv.pytorch import ops
+    _, idx = random_sparse(SHAPE, 2, 0.3, 1, seed=3)
+    perm = torch.randperm(idx.shape[0], generator=torch.Generator().manual_seed(0))
+    idx = idx[perm].contiguous()  # unsorted sites, as voxelisation gives them
+    out_shape = ops.get_conv_output_size(SHAPE, [3] * 3, [2] * 3, [1] * 3, [1] * 3)
+    tr_shape = ops.get_deconv_output_size(SHAPE, [3] * 3, [2] * 3, [1] * 3, [1] * 3, [0] * 3)
+    threads = torch.get_num_threads()
+    maps = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            maps.append((ops.build_subm_map(idx, SHAPE, [3] * 3, [1] * 3, 2),
+                         *ops.build_conv_map(idx, SHAPE, out_shape, [3] * 3, [2] * 3, [1] * 3, [1] * 3, False, 2),
+                         *ops.build_conv_map(idx, SHAPE, tr_shape, [3] * 3, [2] * 3, [1] * 3, [1] * 3, True, 2)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*maps):
+        assert torch.equal(a, b)
