@@ -70,6 +70,7 @@ def test_bf16_kernels_match_dense_conv3d(cin, cout):
 @pytest.mark.parametrize("cin,cout", [(16, 16), (64, 64), (33, 48)])
 def test_bitwise_equal_across_thread_counts(cin, cout):
     features, indices = random_sparse(SHAPE, 2, 0.3, cin, seed=7)
+    torch.manual_seed(cin + cout)
     conv = spconv.SubMConv3d(cin, cout, 3, bias=False)
     threads = torch.get_num_threads()
     results = []
@@ -85,8 +86,8 @@ def test_bitwise_equal_across_thread_counts(cin, cout):
         torch.set_num_threads(threads)
     (o1, dx1, dw1), (o2, dx2, dw2) = results
     assert torch.equal(o1, o2) and torch.equal(dx1, dx2)
-    # weight gradients are per-thread partial sums: equal up to fp32 summation order
-    torch.testing.assert_close(dw1, dw2, rtol=1e-5, atol=1e-5)
+    # weight gradients are per-thread partial sums: equal up to fp32 summation order (relative to their scale)
+    torch.testing.assert_close(dw1, dw2, rtol=1e-5, atol=1e-6 * float(dw1.abs().max()))
 
 
 def test_caching_allocator_reuses_large_blocks():
