@@ -1,10 +1,12 @@
 // Kernel-map building on the CPU: output-major neighbour tables nbr[out_row, tap] = input row or -1.
 //
-// Sites are linearised to int64 keys (batch slowest, last dim fastest) and radix-sorted. For a fixed
-// kernel tap the map from an output coordinate to the input coordinate it reads is strictly increasing
-// in every dimension, so walking the outputs in key order visits that tap's input keys in increasing
-// order too: each tap is a linear merge against the sorted input keys (no hashing, cache friendly).
-// Strided and transposed convs first collect every reachable output key and sort-unique them.
+// Sites are linearised to int64 keys (batch slowest, last dim fastest) and radix-sorted (sites that come
+// sorted skip the sort). A row table records where the sorted sites of each grid row (all dimensions but
+// the last) start; merge_rows then takes each run of outputs in one row and, per tap row, spreads the one
+// input row it reads into a dense line, so each tap along the last dimension is a single load.
+// Strided and transposed convs first mark every reachable output in a bitmap of the output grid and read
+// the set bits in order. Grids too large for these tables fall back to sort-unique and merge_taps, a
+// linear merge of each tap against the sorted input keys.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -434,7 +436,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   // calls emit(key) for every output key input i reaches (cartesian product of the per-dimension lists)
   auto for_each_reached = [&](int64_t i, std::array<std::vector<int64_t>, kMaxDim>& local, auto&& emit) {
     const int32_t* row = idx + i * (ndim + 1);
-    const int64_t* lists[kMaxDim];
+    const int64_t* lists[kMaxDim] = {};
     bool any = true;
     for (int d = 0; d < ndim; ++d) {
       if (reach[d].empty()) {
