@@ -467,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   };
   std::vector<int64_t> keys;
   const int64_t words = (max_key(batch_size, g.out_shape, ndim) + 64) / 64;
-  if (words <= std::max<int64_t>(int64_t(1) << 14, 4 * n)) {  // scanning stays cheaper than sorting
+  if (words <= std::max<int64_t>(int64_t(1) << 16, 16 * n)) {  // scanning stays cheaper than sorting
     // the output grid as a bitmap: set every reached bit (in parallel), then read the set bits in order.
     // Each thread sets bits in a bitmap of its own (no atomics) while they all fit in 32 MB; the copies are
     // OR-ed together while the bits are counted.
