@@ -57,10 +57,20 @@ class CachingCPUAllocator final : public c10::Allocator {
     }
     try {
       ptr = c10::alloc_cpu(size);
-    } catch (...) {
-      std::lock_guard<std::mutex> lock(mu_);
-      live_ -= size;
-      throw;
+    } catch (...) {  // out of memory: give every cached block back, then try once more
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto& block : free_) c10::free_cpu(block.second);
+        free_.clear();
+        cached_ = 0;
+      }
+      try {
+        ptr = c10::alloc_cpu(size);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(mu_);
+        live_ -= size;
+        throw;
+      }
     }
     std::lock_guard<std::mutex> lock(mu_);
     return make(ptr, size);
