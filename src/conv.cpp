@@ -98,6 +98,17 @@ at::Tensor gather_conv_typed(const at::Tensor& src_in, const at::Tensor& table, 
   return dst;
 }
 
+// bf16 right-hand matrices mat [K, G, C_src_g, C_dst_g] for the dot-product kernels: [K, G, kp / 2, np, 2],
+// source channels in interleaved pairs (kp = C_src_g rounded up to even, np = C_dst_g to a multiple of 16),
+// zero padded.
+at::Tensor pack_bf16_pairs(const at::Tensor& mat) {
+  const int64_t kv = mat.size(0), groups = mat.size(1), cs = mat.size(2), cd = mat.size(3);
+  const int64_t kp = (cs + 1) / 2 * 2, np = (cd + 15) / 16 * 16;
+  at::Tensor padded = at::zeros({kv, groups, kp, np}, mat.options());
+  padded.narrow(2, 0, cs).narrow(3, 0, cd).copy_(mat);
+  return padded.view({kv, groups, kp / 2, 2, np}).transpose(3, 4).contiguous();
+}
+
 #ifdef SPCONV_HAS_BF16_KERNEL
 // bf16 features and weights on a CPU with AVX512-BF16: the panels stay bf16 (pairs of input channels
 // per 32-bit lane), products accumulate in fp32 tiles. Same tiling and determinism as the generic path.
@@ -111,12 +122,8 @@ at::Tensor gather_conv_bf16(const at::Tensor& src_in, const at::Tensor& table, c
   const int64_t cs = cs_g * groups, cd = cd_g * groups;
   TORCH_CHECK_VALUE(src.size(1) == cs, "spconv: features have ", src.size(1), " channels, expected ", cs);
   const int64_t kp = (cs_g + 1) / 2 * 2, np = (cd_g + 15) / 16 * 16;
-  // packed[r][g] = [kp / 2][np][2]: the [C_src_g, C_dst_g] matrix of tap r, group g, k-pairs interleaved
   at::Tensor w = weight.view({groups, c_out_g, kv, c_in_g});
-  at::Tensor mat = (transpose_weight ? w.permute({2, 0, 1, 3}) : w.permute({2, 0, 3, 1}));  // [K, G, Cs_g, Cd_g]
-  at::Tensor padded = at::zeros({kv, groups, kp, np}, weight.options());
-  padded.narrow(2, 0, cs_g).narrow(3, 0, cd_g).copy_(mat);
-  at::Tensor packed = padded.view({kv, groups, kp / 2, 2, np}).transpose(3, 4).contiguous();
+  at::Tensor packed = pack_bf16_pairs(transpose_weight ? w.permute({2, 0, 1, 3}) : w.permute({2, 0, 3, 1}));
 
   at::Tensor dst = at::empty({n_dst, cd}, src.options());
   const uint16_t* sp = reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>());
@@ -185,10 +192,7 @@ at::Tensor implicit_gemm_conv(const at::Tensor& src_in, const at::Tensor& table,
     avx512_conv_fp32(src.data_ptr<float>(), cs, tp, n_dst, kv, packed.data_ptr<float>(), ldw, cd,
                      dst.data_ptr<float>());
   } else {
-    const int64_t kp = (cs + 1) / 2 * 2;  // source channels in pairs, interleaved: [r][kp / 2][ldw][2]
-    at::Tensor padded = at::zeros({kv, kp, ldw}, weight.options());
-    padded.narrow(1, 0, cs).narrow(2, 0, cd).copy_(mat);
-    at::Tensor packed = padded.view({kv, kp / 2, 2, ldw}).transpose(2, 3).contiguous();
+    const at::Tensor packed = pack_bf16_pairs(mat.unsqueeze(1));  // [r][1][kp / 2][ldw][2]
     avx512_conv_bf16(reinterpret_cast<const uint16_t*>(src.data_ptr<at::BFloat16>()), cs, tp, n_dst, kv,
                      reinterpret_cast<const uint16_t*>(packed.data_ptr<at::BFloat16>()), ldw, cd,
                      reinterpret_cast<uint16_t*>(dst.data_ptr<at::BFloat16>()));

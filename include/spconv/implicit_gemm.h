@@ -46,14 +46,28 @@ inline bool cpu_has_avx512_bf16_dot() {
 
 namespace igemm {
 
-// ---- fp32: c[i] += a[i][0:k] @ b[0:k][0:16NB] ----------------------------------------------------
-template <int M, int NB, int KU>
-SPCONV_AVX512 void fp32_rows(int64_t k, const float* const* a, float* const* c, const float* b, int64_t ldb) {
-  __m512 acc[M][NB];
+// The M x NB fp32 accumulators of rows c[0..M) (16 NB columns each), to and from registers.
+template <int M, int NB>
+SPCONV_AVX512_INLINE void load_rows(__m512 (&acc)[M][NB], float* const* c) {
   SPCONV_UNROLL
   for (int i = 0; i < M; ++i)
     SPCONV_UNROLL
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_loadu_ps(c[i] + 16 * j);
+}
+
+template <int M, int NB>
+SPCONV_AVX512_INLINE void store_rows(const __m512 (&acc)[M][NB], float* const* c) {
+  SPCONV_UNROLL
+  for (int i = 0; i < M; ++i)
+    SPCONV_UNROLL
+    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(c[i] + 16 * j, acc[i][j]);
+}
+
+// ---- fp32: c[i] += a[i][0:k] @ b[0:k][0:16NB] ----------------------------------------------------
+template <int M, int NB, int KU>
+SPCONV_AVX512 void fp32_rows(int64_t k, const float* const* a, float* const* c, const float* b, int64_t ldb) {
+  __m512 acc[M][NB];
+  load_rows<M, NB>(acc, c);
   int64_t p = 0;
   for (; p + KU <= k; p += KU) {
     __m512 bv[KU][NB];
@@ -83,10 +97,7 @@ SPCONV_AVX512 void fp32_rows(int64_t k, const float* const* a, float* const* c, 
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
     }
   }
-  SPCONV_UNROLL
-  for (int i = 0; i < M; ++i)
-    SPCONV_UNROLL
-    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(c[i] + 16 * j, acc[i][j]);
+  store_rows<M, NB>(acc, c);
 }
 
 // ---- bf16: c[i] += a[i][0:k] @ b, b packed [ceil(k/2)][ldb][2] ------------------------------------
@@ -103,10 +114,7 @@ SPCONV_AVX512_INLINE __m512bh bf16_pair(const uint16_t* a, int64_t p, int64_t k)
 template <int M, int NB, int KU>
 SPCONV_AVX512 void bf16_rows(int64_t k, const uint16_t* const* a, float* const* c, const uint16_t* b, int64_t ldb) {
   __m512 acc[M][NB];
-  SPCONV_UNROLL
-  for (int i = 0; i < M; ++i)
-    SPCONV_UNROLL
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_loadu_ps(c[i] + 16 * j);
+  load_rows<M, NB>(acc, c);
   const int64_t kfull = k / 2 * 2;  // channels in complete pairs
   int64_t p = 0;
   for (; p + 2 * KU <= kfull; p += 2 * KU) {
@@ -139,10 +147,7 @@ SPCONV_AVX512 void bf16_rows(int64_t k, const uint16_t* const* a, float* const* 
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], av, bv[j]);
     }
   }
-  SPCONV_UNROLL
-  for (int i = 0; i < M; ++i)
-    SPCONV_UNROLL
-    for (int j = 0; j < NB; ++j) _mm512_storeu_ps(c[i] + 16 * j, acc[i][j]);
+  store_rows<M, NB>(acc, c);
 }
 
 // ---- weight gradient ------------------------------------------------------------------------------
