@@ -21,3 +21,7 @@ NDIM_DONT_CARE = 3
 # computes the true convolution. Set this to True to reproduce spconv's numbers for checkpoints trained
 # with that behaviour.
 SPCONV_LEGACY_1X1_WEIGHT_VIEW = False
+
+# Indices with duplicate sites (two rows with the same batch and coordinates) are accepted, with one
+# warning per process, and handled as spconv 2.3.8 does (see the README). True makes them an error.
+SPCONV_STRICT_INDICES = os.getenv("SPCONV_STRICT_INDICES", "0") == "1"

@@ -257,7 +257,10 @@ def test_module_ndim_differs_from_tensor_ndim():
 
 
 @pytest.mark.parametrize("cls", _CONV_CLASSES_3D)
-def test_duplicate_sites_rejected(cls):
+def test_duplicate_sites_rejected_in_strict_mode(cls, monkeypatch):
+    """Duplicates follow spconv 2.3.8 by default (test_client_patterns.py); strict mode makes them an error."""
+    from spconv import constants
+    monkeypatch.setattr(constants, "SPCONV_STRICT_INDICES", True)
     indices = torch.tensor([[0, 1, 1, 1], [0, 2, 0, 1], [0, 1, 1, 1]], dtype=torch.int32)
     x = spconv.SparseConvTensor(torch.randn(3, 4), indices, [4, 4, 4], 1)
     with pytest.raises(ValueError, match=r"(?i)duplicate"):

@@ -181,6 +181,7 @@ class SparseConvolution(SparseModule):
     def _check_input(self, input: SparseConvTensor):
         if not isinstance(input, SparseConvTensor):
             raise TypeError(f"{self._describe()} expects a SparseConvTensor, got {type(input).__name__}")
+        input.validated()
         features = input.features
         ops._check_device(features)
         if len(input.spatial_shape) != self.ndim:
@@ -207,30 +208,51 @@ class SparseConvolution(SparseModule):
             features, w2 = features.to(dtype), w2.to(dtype)
         return features @ w2
 
+    def _is_pointwise(self) -> bool:
+        """Kernel volume 1 with output sites = input sites: a per-row matmul, no kernel map (as spconv)."""
+        if not self.conv1x1 or self.groups != 1:
+            return False
+        if self.subm:
+            return True
+        return not any(self.padding) and not (self.transposed and any(self.output_padding))
+
     def forward(self, input: SparseConvTensor, add_input: Optional[SparseConvTensor] = None) -> SparseConvTensor:
         self._check_input(input)
         indice_dict = input.indice_dict
-        if self.conv1x1 and not self.inverse and self.groups == 1 and (self.subm or not any(self.padding)):
+        desc = self._describe()
+        inverse_data = None
+        if self.inverse:
+            inverse_data = kernel_maps.inverse_map(input, self.indice_key, self.kernel_size, desc,
+                                                   pointwise_ok=self._is_pointwise())
+        if self._is_pointwise() and inverse_data is None:
             out_features = self._conv1x1(input)
             out_indices, out_shape = input.indices, input.spatial_shape
+            if not self.subm and not self.inverse:
+                indice_dict = kernel_maps.identity_map(input, self.indice_key, self.ndim, self.algo)
+        elif self.inverse:
+            data = inverse_data
+            out_features = Fsp.sparse_conv(input.features.contiguous(), self.weight, data.input_major_pairs,
+                                           data.indice_pairs, self.groups)
+            if data.dups is not None:  # the key's input sites repeat: every row of a site gets its value
+                out_features = data.dups.expand(out_features)
+            out_indices, out_shape = data.indices, data.spatial_shape
         else:
-            desc = self._describe()
-            if self.inverse:
-                data = kernel_maps.inverse_map(input, self.indice_key, self.kernel_size, desc)
-                fwd_table, bwd_table = data.input_major_pairs, data.indice_pairs
-                out_indices, out_shape = data.indices, data.spatial_shape
+            if self.subm:
+                data = kernel_maps.subm_map(input, self.indice_key, self.kernel_size, self.dilation, self.algo, desc)
             else:
-                if self.subm:
-                    data = kernel_maps.subm_map(input, self.indice_key, self.kernel_size, self.dilation, self.algo,
-                                                desc)
-                else:
-                    data = kernel_maps.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
-                                                self.dilation, self.algo, desc, self.transposed, self.output_padding)
-                fwd_table, bwd_table = data.indice_pairs, (lambda: data.input_major_pairs)
-                out_indices, out_shape = data.out_indices, data.out_spatial_shape
-                indice_dict = kernel_maps.with_key(indice_dict, self.indice_key, data)
-            out_features = Fsp.sparse_conv(input.features.contiguous(), self.weight, fwd_table, bwd_table,
-                                           self.groups)
+                data = kernel_maps.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
+                                            self.dilation, self.algo, desc, self.transposed, self.output_padding)
+            features = input.features.contiguous()
+            if data.dups is not None and self.subm:
+                out_features = Fsp.subm_conv_with_duplicates(features, self.weight, data.indice_pairs, data.dups,
+                                                             self.groups)
+            else:
+                if data.dups is not None:  # strided/transposed: the rows of a site add up (spconv 2.3.8)
+                    features = data.dups.sum(features)
+                out_features = Fsp.sparse_conv(features, self.weight, data.indice_pairs,
+                                               (lambda: data.input_major_pairs), self.groups)
+            out_indices, out_shape = data.out_indices, data.out_spatial_shape
+            indice_dict = kernel_maps.with_key(indice_dict, self.indice_key, data)
         if self._records_voxels():
             buf = getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING)
             buf.fill_(max(int(buf.item()), out_indices.shape[0]))

@@ -1,4 +1,5 @@
 """SparseConvTensor: features [N, C] at integer sites indices [N, 1 + D] (batch first)."""
+import warnings
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -42,7 +43,7 @@ class IndiceData:
         self.padding = list(padding)
         self.voxel_num = voxel_num
         self._input_major = None
-        self.build_count = 1  # how many times a map was built for this key (1: built once, reused after)
+        self.dups = None  # kernel_maps.DuplicateSites when the input sites repeat: tables then index unique sites
 
     @property
     def input_major_pairs(self) -> torch.Tensor:
@@ -52,8 +53,13 @@ class IndiceData:
             if self.is_subm:  # a SubM map is symmetric: input i meets output j through the mirrored tap
                 self._input_major = self.indice_pairs.flip(1).contiguous()
             else:
-                self._input_major = ops.invert_map(self.indice_pairs, self.indices.shape[0])
+                num_inputs = self.indices.shape[0] if self.dups is None else self.dups.num_sites
+                self._input_major = ops.invert_map(self.indice_pairs, num_inputs)
         return self._input_major
+
+    def __setstate__(self, state):
+        state.setdefault("dups", None)
+        self.__dict__.update(state)
 
     def __repr__(self):
         kind = "subm" if self.is_subm else "conv"
@@ -62,7 +68,41 @@ class IndiceData:
                 f"{list(self.spatial_shape)} -> {list(self.out_spatial_shape)})")
 
 
+def _as_batch_size(batch_size) -> int:
+    """``batch_size`` as a positive int: ints, numpy/torch integer scalars and integral floats (2.0)."""
+    if isinstance(batch_size, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"batch_size must be an integer, got {batch_size!r} ({type(batch_size).__name__})")
+    try:
+        value = int(batch_size)
+        exact = float(batch_size) == value if not isinstance(batch_size, (int, np.integer)) else True
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"batch_size must be an integer, got {batch_size!r} ({type(batch_size).__name__})") from None
+    if not exact:
+        raise ValueError(f"batch_size must be a whole number, got {batch_size!r}; pass int(batch_size) of the "
+                         "real number of samples (max batch index + 1)")
+    if value <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size!r}")
+    return value
+
+
+def _as_spatial_shape(spatial_shape) -> List[int]:
+    """``spatial_shape`` as a list of positive ints (lists, tuples, numpy arrays, tensors)."""
+    try:
+        vals = list(spatial_shape.tolist() if hasattr(spatial_shape, "tolist") else spatial_shape)
+    except TypeError:
+        raise TypeError(f"spatial_shape must be a sequence of ints, got {spatial_shape!r}") from None
+    out = []
+    for v in vals:
+        if isinstance(v, (bool, np.bool_)) or float(v) != int(v):
+            raise ValueError(f"spatial_shape entries must be whole numbers, got {vals}")
+        out.append(int(v))
+    if any(s <= 0 for s in out):
+        raise ValueError(f"spatial_shape entries must be positive, got {out}")
+    return out
+
+
 def _check_indices(features: torch.Tensor, indices: torch.Tensor, spatial_shape: List[int], batch_size: int):
+    """Validate a sparse tensor's parts; raise ValueError/TypeError naming the argument and the fix."""
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         raise ValueError(f"features must be a 2-D tensor [N, C], got "
                          f"{tuple(features.shape) if isinstance(features, torch.Tensor) else type(features)}")
@@ -78,16 +118,18 @@ def _check_indices(features: torch.Tensor, indices: torch.Tensor, spatial_shape:
                          f"columns; spatial shape must equal ndim")
     if features.shape[0] != indices.shape[0]:
         raise ValueError(f"features has {features.shape[0]} rows but indices has {indices.shape[0]}: "
-                         "they must describe the same sites")
-    if int(batch_size) <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if any(s <= 0 for s in spatial_shape):
-        raise ValueError(f"spatial_shape entries must be positive, got {spatial_shape}")
-    volume = int(batch_size)
+                         "they must describe the same sites (after x = x.replace_feature(f) with a different "
+                         "row count, also assign the matching x.indices)")
+    batch_size = _as_batch_size(batch_size)
+    spatial_shape = _as_spatial_shape(spatial_shape)
+    volume = batch_size
     for s in spatial_shape:
-        volume *= int(s)
+        volume *= s
     if volume >= 2 ** 62:
-        raise ValueError(f"batch_size x prod(spatial_shape) = {volume} does not fit int64 keys")
+        raise ValueError(f"batch_size x prod(spatial_shape) = {volume} does not fit int64 keys (limit 2^62); "
+                         "use a coarser voxel size or a smaller grid")
+    if any(s > 2 ** 31 - 1 for s in spatial_shape):
+        raise ValueError(f"spatial_shape {spatial_shape} has an entry above 2^31-1: coordinates are int32")
     if indices.device != features.device:
         raise ValueError(f"features are on {features.device} but indices on {indices.device}; put both on one device")
     if indices.shape[0] == 0 or indices.device.type == "meta":
@@ -106,16 +148,44 @@ def _check_indices(features: torch.Tensor, indices: torch.Tensor, spatial_shape:
                              f"spatial_shape[{d}]={spatial_shape[d]}; enlarge spatial_shape or clip the points")
 
 
+_warned_duplicates = False
+
+
+def _version_of(t) -> Optional[int]:
+    return t._version if isinstance(t, torch.Tensor) and not torch.compiler.is_compiling() else None
+
+
+def duplicate_sites_found(where: str, count: int):
+    """Called when ``count`` rows repeat another row's (batch, coordinate): raises in strict mode
+    (``spconv.constants.SPCONV_STRICT_INDICES = True``), else warns once per process."""
+    global _warned_duplicates
+    if constants.SPCONV_STRICT_INDICES:
+        raise ValueError(f"{where}: indices contain {count} duplicate sites (rows with the same batch and "
+                         "coordinates) and spconv.constants.SPCONV_STRICT_INDICES is True; merge duplicates "
+                         "first, e.g. with torch.unique(indices, dim=0, return_inverse=True) and a scatter-add")
+    if not _warned_duplicates:
+        _warned_duplicates = True
+        warnings.warn(f"spconv: {where} got indices with duplicate sites ({count} rows repeat a site). They are "
+                      "handled as spconv 2.3.8 does (strided/transposed convs sum them, max pools take their max, "
+                      "SubM convs follow spconv's pair rule, dense() keeps the last row); see the README. Set "
+                      "spconv.constants.SPCONV_STRICT_INDICES = True to raise instead. (Warned once.)",
+                      stacklevel=3)
+
+
 class SparseConvTensor:
     """A batch of sparse feature maps.
 
     Args:
         features: ``[N, C]`` features of the active sites.
         indices: ``[N, 1 + D]`` int32, batch index in column 0 then the D coordinates, ordered as
-            ``spatial_shape``. Sites must be unique.
+            ``spatial_shape``. Sites should be unique; duplicates are accepted with a warning and
+            handled as spconv 2.3.8 does.
         spatial_shape: D ints, the grid size.
         batch_size: number of samples.
     Features are read-only: use :meth:`replace_feature` to get a tensor with new features.
+    ``indices``, ``spatial_shape`` and ``batch_size`` may be reassigned (as downstream code does after
+    ``replace_feature`` with a different row count): cached kernel maps of the old sites are dropped and
+    the tensor is validated again at its next use (a conv, a pool, ``dense()``).
     """
 
     def __init__(self, features: torch.Tensor, indices: torch.Tensor, spatial_shape: Union[Sequence[int], Any],
@@ -123,13 +193,19 @@ class SparseConvTensor:
                  indice_dict: Optional[Dict[str, Any]] = None, benchmark: bool = False,
                  permanent_thrust_allocator: bool = False, enable_timer: bool = False, force_algo=None,
                  _validate: bool = True):
-        spatial_shape = [int(v) for v in spatial_shape]
         if _validate and not constants.SPCONV_FX_TRACE_MODE:
+            spatial_shape = _as_spatial_shape(spatial_shape)
+            batch_size = _as_batch_size(batch_size)
             _check_indices(features, indices, spatial_shape, batch_size)
+        else:
+            spatial_shape = [int(v) for v in spatial_shape]
+            batch_size = int(batch_size)
         self._features = features
-        self.indices = indices
-        self.spatial_shape = spatial_shape
-        self.batch_size = int(batch_size)
+        self._indices = indices
+        self._spatial_shape = spatial_shape
+        self._batch_size = batch_size
+        self._stale = False  # parts reassigned since the last validation
+        self._indices_version = _version_of(indices)  # in-place edits of indices bump it
         self.indice_dict = {} if indice_dict is None else indice_dict
         self.grid = torch.Tensor() if grid is None else grid
         self.voxel_num = voxel_num
@@ -150,6 +226,66 @@ class SparseConvTensor:
                          "to generate new SparseConvTensor instead.")
 
     @property
+    def indices(self) -> torch.Tensor:
+        return self._indices
+
+    @indices.setter
+    def indices(self, value):
+        old = self._indices
+        same = (isinstance(value, torch.Tensor) and value is old) or (
+            isinstance(value, torch.Tensor) and value.shape == old.shape and value.dtype == old.dtype
+            and value.device == old.device and torch.equal(value, old))
+        if not same:
+            self._drop_maps_of(old)
+        self._indices = value
+        self._stale = True
+        self._indices_version = _version_of(value)
+
+    @property
+    def spatial_shape(self) -> List[int]:
+        return self._spatial_shape
+
+    @spatial_shape.setter
+    def spatial_shape(self, value):
+        value = [int(v) for v in (value.tolist() if hasattr(value, "tolist") else value)]
+        if value != self._spatial_shape:
+            self._drop_maps_of(self._indices)
+        self._spatial_shape = value
+        self._stale = True
+
+    @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @batch_size.setter
+    def batch_size(self, value):
+        value = _as_batch_size(value)
+        if value != self._batch_size:
+            self._drop_maps_of(self._indices)
+        self._batch_size = value
+        self._stale = True
+
+    def _drop_maps_of(self, sites: torch.Tensor):
+        """Forget the kernel maps built on (or producing) ``sites`` (a new dict: the old one may be shared)."""
+        self.indice_dict = {k: v for k, v in self.indice_dict.items()
+                            if not (isinstance(v, IndiceData) and (v.indices is sites or v.out_indices is sites))}
+
+    def validated(self) -> "SparseConvTensor":
+        """Check features/indices/spatial_shape/batch_size agree if a part was reassigned (or the indices edited
+        in place) since the last check; called by convs, pools and ``dense()``. Returns self."""
+        if constants.SPCONV_FX_TRACE_MODE or torch.compiler.is_compiling():
+            return self
+        version = _version_of(self._indices)
+        if version != self._indices_version:  # e.g. x.indices[:, 1:] *= 2: maps built on these rows are stale
+            self._drop_maps_of(self._indices)
+            self._stale = True
+        if self._stale:
+            _check_indices(self._features, self._indices, self._spatial_shape, self._batch_size)
+            self._stale = False
+            self._indices_version = version
+        return self
+
+    @property
     def ndim(self) -> int:
         return len(self.spatial_shape)
 
@@ -168,13 +304,19 @@ class SparseConvTensor:
         new.thrust_allocator = self.thrust_allocator
         new._timer = self._timer
         new.int8_scale = self.int8_scale
+        new._stale = self._stale
+        new._indices_version = self._indices_version if indices is self._indices else _version_of(indices)
         return new
 
     def replace_feature(self, feature: torch.Tensor) -> "SparseConvTensor":
-        """Same sites (and the same indice_dict), new ``[N, C']`` features."""
-        if feature.shape[0] != self.indices.shape[0] and not constants.SPCONV_FX_TRACE_MODE:
-            raise ValueError(f"replace_feature got {feature.shape[0]} rows for {self.indices.shape[0]} sites")
-        return self._derive(feature, self.indices, self.spatial_shape, self.indice_dict)
+        """Same sites (and the same indice_dict), new ``[N, C']`` features.
+
+        As in spconv 2.3.8 the row count may differ from the sites' (code such as VoxelNeXt then assigns
+        ``x.indices``); the tensor is checked at its next use."""
+        new = self._derive(feature, self.indices, self.spatial_shape, self.indice_dict)
+        if not isinstance(feature, torch.Tensor) or feature.dim() != 2 or feature.shape[0] != self.indices.shape[0]:
+            new._stale = True
+        return new
 
     def shadow_copy(self) -> "SparseConvTensor":
         """A new tensor object sharing features, indices and indice_dict."""
@@ -194,14 +336,23 @@ class SparseConvTensor:
         return self.indice_dict.get(key)
 
     def dense(self, channels_first: bool = True) -> torch.Tensor:
-        """Scatter into ``[B, C, *spatial]`` (``[B, *spatial, C]`` if not channels_first); empty sites are 0."""
+        """Scatter into ``[B, C, *spatial]`` (``[B, *spatial, C]`` if not channels_first); empty sites are 0.
+
+        A site given by several rows takes the last of them (spconv 2.3.8's ``scatter_nd`` on the CPU)."""
+        self.validated()
         feats = self._features
         out = feats.new_zeros([self.batch_size * self.spatial_size, feats.shape[1]])
-        if self.indices.shape[0] > 0:
-            lin = self.indices[:, 0].long()
-            for d, s in enumerate(self.spatial_shape):
-                lin = lin * s + self.indices[:, d + 1].long()
-            out = out.index_put((lin,), feats)
+        lin = self.indices[:, 0].long()
+        for d, s in enumerate(self.spatial_shape):
+            lin = lin * s + self.indices[:, d + 1].long()
+        if lin.shape[0] > 1 and not constants.SPCONV_FX_TRACE_MODE and lin.device.type != "meta":
+            uniq, inverse = torch.unique(lin, return_inverse=True)
+            if uniq.shape[0] < lin.shape[0]:  # keep the last row of each site: a deterministic scatter
+                duplicate_sites_found("SparseConvTensor.dense()", lin.shape[0] - uniq.shape[0])
+                rows = torch.arange(lin.shape[0], device=lin.device)
+                last = rows.new_full((uniq.shape[0],), -1).scatter_reduce(0, inverse, rows, "amax")
+                lin, feats = uniq, feats[last]
+        out = out.index_put((lin,), feats)  # also for 0 rows: the result stays connected to autograd
         out = out.view(self.batch_size, *self.spatial_shape, feats.shape[1])
         if channels_first:
             out = out.permute(0, self.ndim + 1, *range(1, self.ndim + 1)).contiguous()
@@ -241,6 +392,19 @@ class SparseConvTensor:
         if self.is_quantized:
             return self._features.q_scale()
         raise ValueError("sparse tensor is not quantized")
+
+    def __setstate__(self, state):
+        for name in ("indices", "spatial_shape", "batch_size"):  # pickles of older versions
+            if name in state:
+                state["_" + name] = state.pop(name)
+        state.setdefault("_stale", False)
+        self.__dict__.update(state)
+        self._indices_version = _version_of(self._indices)  # versions restart in a new tensor
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_indices_version", None)
+        return state
 
     def __repr__(self) -> str:
         f = self._features

@@ -54,12 +54,43 @@ def sparse_conv(features: torch.Tensor, weight: torch.Tensor, fwd_table: torch.T
     return SparseConvFunction.apply(features, weight, fwd_table, bwd_table, groups)
 
 
+def subm_conv_with_duplicates(features: torch.Tensor, weight: torch.Tensor, table: torch.Tensor, dups,
+                              groups: int = 1) -> torch.Tensor:
+    """SubM conv of ``features [N, C_in]`` whose rows repeat sites, computed as spconv 2.3.8 does.
+
+    ``table [U, K]`` is the SubM map of the U unique sites (``dups``: kernel_maps.DuplicateSites). spconv's CPU
+    builder pairs each row with the first row of every neighbouring site at a larger key (taps after the
+    centre) and adds the mirrored pair, so for an output row o of site u:
+
+        out[o] = W_c f[o] + sum_{r > c} W_r f[first(T[u, r])] + [o == first(u)] sum_{r < c} W_r sum(f[rows of T[u, r]])
+
+    Returns ``[N, C_out]``."""
+    k = table.shape[1]
+    centre = k // 2
+    taps = torch.arange(k, device=table.device)
+    lower = table.masked_fill(taps >= centre, -1)
+    upper = table.masked_fill(taps <= centre, -1)
+    w3 = weight.reshape(weight.shape[0], k, weight.shape[-1])
+    n = features.shape[0]
+    own = torch.arange(n, dtype=torch.int32, device=table.device).unsqueeze(1)
+    out = sparse_conv(features, w3[:, centre:centre + 1], own, own, groups)
+    from_first = sparse_conv(features[dups.first], w3, upper, lambda: ops.invert_map(upper, dups.num_sites), groups)
+    from_all = sparse_conv(dups.sum(features), w3, lower, lambda: ops.invert_map(lower, dups.num_sites), groups)
+    return (out + from_first[dups.inverse]).index_add(0, dups.first, from_all)
+
+
 class SparseMaxPoolFunction(Function):
-    """forward(features [N_in, C], fwd_table [N_out, K], bwd_table [N_in, K] or callable) -> [N_out, C]"""
+    """forward(features [N_in, C], fwd_table [N_out, K], bwd_table [N_in, K] or callable, zero_floor) -> [N_out, C]
+
+    Max over the active taps; NaN propagates. ``zero_floor``: the result is ``max(0, that)`` (spconv 2.3.8's
+    SparseMaxPool), and an output where 0 wins sends no gradient."""
 
     @staticmethod
-    def forward(ctx, features, fwd_table, bwd_table):
-        out, argmax = ops.maxpool_forward(features.contiguous(), fwd_table)
+    def forward(ctx, features, fwd_table, bwd_table, zero_floor=False):
+        if zero_floor:
+            out, argmax = ops.maxpool_forward(features.contiguous(), fwd_table, zero_floor=True)
+        else:
+            out, argmax = ops.maxpool_forward(features.contiguous(), fwd_table)
         ctx.save_for_backward(argmax)
         ctx.bwd_table = bwd_table
         return out
@@ -69,7 +100,7 @@ class SparseMaxPoolFunction(Function):
     def backward(ctx, out_grad):
         (argmax,) = ctx.saved_tensors
         bwd_table = ctx.bwd_table() if callable(ctx.bwd_table) else ctx.bwd_table
-        return ops.maxpool_backward(out_grad.contiguous(), argmax, bwd_table), None, None
+        return ops.maxpool_backward(out_grad.contiguous(), argmax, bwd_table), None, None, None
 
 
 class SparseAvgPoolFunction(Function):
@@ -113,6 +144,7 @@ def sparse_add(*tens):
     for t in tens:
         if not isinstance(t, SparseConvTensor):
             raise TypeError(f"sparse_add takes SparseConvTensors, got {type(t).__name__}")
+        t.validated()
         if t.spatial_shape != first.spatial_shape or t.batch_size != first.batch_size:
             raise ValueError(f"sparse_add needs equal spatial_shape and batch_size, got {t.spatial_shape}/"
                              f"{t.batch_size} and {first.spatial_shape}/{first.batch_size}")

@@ -1,7 +1,7 @@
 """Sparse pooling modules (spconv 2.x API), 1-4D.
 
-- Max pooling takes the maximum over the **active** input sites in each window: empty sites are not
-  zeros, so it equals dense max pooling only for non-negative data where every window has a site.
+- Max pooling returns ``max(0, max over the active input sites in the window)`` as spconv 2.3.8 does
+  (its loop starts from zero), so it equals dense max pooling of the densified tensor; NaN propagates.
 - Average pooling divides by the number of **active** sites in the window, not the kernel volume.
 - Output sites and shape follow the regular conv rule ``(in + 2p - d(k-1) - 1) // s + 1``
   (``subm=True``: the input sites). With ``indice_key`` the map is stored so a
@@ -56,6 +56,7 @@ class _SparsePool(SparseModule):
     def forward(self, input: SparseConvTensor) -> SparseConvTensor:
         if not isinstance(input, SparseConvTensor):
             raise TypeError(f"{self._describe()} expects a SparseConvTensor, got {type(input).__name__}")
+        input.validated()
         ops._check_device(input.features)
         if len(input.spatial_shape) != self.ndim:
             raise ValueError(f"{self._describe()} is {self.ndim}-D but the input has spatial_shape "
@@ -66,13 +67,31 @@ class _SparsePool(SparseModule):
         else:
             data = kernel_maps.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
                                         self.dilation, self.algo, desc)
-        pool = Fsp.indice_maxpool if self.KIND == "max" else Fsp.indice_avgpool
-        out_features = pool(input.features, data.indice_pairs, lambda: data.input_major_pairs)
+        out_features = self._pool(input.features, data)
         if self.record_voxel_count:
             self.max_num_voxels_during_training.fill_(max(int(self.max_num_voxels_during_training.item()),
                                                           data.out_indices.shape[0]))
         return input._derive(out_features, data.out_indices, data.out_spatial_shape,
                              kernel_maps.with_key(input.indice_dict, self.indice_key, data))
+
+    def _pool(self, features: torch.Tensor, data) -> torch.Tensor:
+        """Pool through ``data``'s map. Rows repeating a site count as one input holding their max (max pool)
+        or as several inputs (average pool: the mean over rows)."""
+        dups = data.dups
+        bwd = lambda: data.input_major_pairs  # noqa: E731
+        if self.KIND == "max":
+            if dups is not None:
+                features = dups.max(features)
+            out = Fsp.indice_maxpool(features, data.indice_pairs, bwd, True)
+        elif dups is None:
+            out = Fsp.indice_avgpool(features, data.indice_pairs, bwd)
+        else:  # sum of rows / number of rows in each window
+            sums = Fsp.indice_avgpool(dups.sum(features), data.indice_pairs, bwd)
+            rows = Fsp.indice_avgpool(dups.count(features.dtype), data.indice_pairs, bwd)
+            out = sums / rows
+        if dups is not None and self.subm:  # output sites are the input rows
+            out = dups.expand(out)
+        return out
 
 
 class SparseMaxPool(_SparsePool):
@@ -105,7 +124,7 @@ class _PoolNd:
 class SparseMaxPool1d(_PoolNd, SparseMaxPool):
     """Max pooling over 1D sparse sites.
 
-    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+    Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
 
     Input: features ``[N_in, C]`` at indices ``[N_in, 2]`` (batch, x). Output: features
     ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
@@ -118,7 +137,7 @@ class SparseMaxPool1d(_PoolNd, SparseMaxPool):
 class SparseMaxPool2d(_PoolNd, SparseMaxPool):
     """Max pooling over 2D sparse sites.
 
-    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+    Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
 
     Input: features ``[N_in, C]`` at indices ``[N_in, 3]`` (batch, y, x). Output: features
     ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
@@ -131,7 +150,7 @@ class SparseMaxPool2d(_PoolNd, SparseMaxPool):
 class SparseMaxPool3d(_PoolNd, SparseMaxPool):
     """Max pooling over 3D sparse sites.
 
-    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+    Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
 
     Input: features ``[N_in, C]`` at indices ``[N_in, 4]`` (batch, z, y, x). Output: features
     ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
@@ -144,7 +163,7 @@ class SparseMaxPool3d(_PoolNd, SparseMaxPool):
 class SparseMaxPool4d(_PoolNd, SparseMaxPool):
     """Max pooling over 4D sparse sites.
 
-    Each output is the maximum over the active input sites in its window (empty sites are not zeros).
+    Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
 
     Input: features ``[N_in, C]`` at indices ``[N_in, 5]`` (batch, t, z, y, x). Output: features
     ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
@@ -218,7 +237,7 @@ class SparseGlobalMaxOrAvgPool(SparseModule):
         self.is_mean = is_mean
 
     def forward(self, input: SparseConvTensor) -> torch.Tensor:
-        features = input.features
+        features = input.validated().features
         b = input.batch_size
         index = input.indices[:, 0].long().unsqueeze(1).expand_as(features)
         if self.is_mean:
