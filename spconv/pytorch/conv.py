@@ -16,7 +16,7 @@ from spconv import constants
 from spconv.core import ConvAlgo
 from spconv.pytorch import functional as Fsp
 from spconv.pytorch import kernel_maps, ops
-from spconv.pytorch.core import SparseConvTensor, expand_nd
+from spconv.pytorch.core import SparseConvTensor, expand_nd, per_dim_doc
 from spconv.pytorch.modules import SparseModule
 
 _MAX_NUM_VOXELS_DURING_TRAINING = "max_num_voxels_during_training"
@@ -277,9 +277,32 @@ class SparseConvolution(SparseModule):
 # --------------------------------------------------------------------------------------------------
 # Public per-dimension classes, with spconv's exact constructor signatures.
 
-class _SparseConvNd(SparseConvolution):
+def is_sparse_conv(module) -> bool:
+    """True for every sparse conv module (spconv 2.x helper)."""
+    return isinstance(module, SparseConvolution)
+
+
+class _PerDimension:
+    """Mixin: the public per-dimension classes set ``NDIM`` and get ``DOC`` filled in for it (see
+    :func:`~spconv.pytorch.core.per_dim_doc`)."""
     NDIM = 0
+    DOC = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.NDIM:
+            cls.__doc__ = per_dim_doc(cls.DOC, cls.NDIM)
+
+
+class _SparseConvNd(_PerDimension, SparseConvolution):
     TRANSPOSED = False
+    DOC = """Regular (strided) sparse {n}D convolution: every output site reached by an active input.
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, {cols}]`` {names}.
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, {cols}]`` sorted by (batch, coords),
+    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
+    Weight: ``[out_channels, {ks}, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, indice_key=None, algo=None, fp32_accum=None, record_voxel_count=False,
@@ -290,8 +313,25 @@ class _SparseConvNd(SparseConvolution):
                          name=name)
 
 
-class _SubMConvNd(SparseConvolution):
-    NDIM = 0
+class _SparseConvTransposeNd(_SparseConvNd):
+    TRANSPOSED = True
+    DOC = """Transposed sparse {n}D convolution (upsampling to every site an input reaches).
+
+    Input: features ``[N_in, in_channels]`` at indices ``[N_in, {cols}]`` {names}.
+    Output: features ``[N_out, out_channels]`` at indices ``[N_out, {cols}]``, ``spatial_shape``
+    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
+    Weight: ``[out_channels, {ks}, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
+
+
+class _SubMConvNd(_PerDimension, SparseConvolution):
+    DOC = """Submanifold sparse {n}D convolution: the output sites are the input sites.
+
+    Input: features ``[N, in_channels]`` at indices ``[N, {cols}]`` {names}.
+    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
+    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
+    Weight: ``[out_channels, {ks}, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
                  bias=True, indice_key=None, algo=None, fp32_accum=None, large_kernel_fast_algo=False, name=None):
@@ -300,8 +340,14 @@ class _SubMConvNd(SparseConvolution):
                          large_kernel_fast_algo=large_kernel_fast_algo, name=name)
 
 
-class _SparseInverseConvNd(SparseConvolution):
-    NDIM = 0
+class _SparseInverseConvNd(_PerDimension, SparseConvolution):
+    DOC = """Inverse sparse {n}D convolution: undoes the strided conv/pool that created ``indice_key``.
+
+    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
+    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, {cols}]``
+    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
+    Weight: ``[out_channels, {ks}, in_channels]`` (KRSC); bias ``[out_channels]``.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, indice_key, bias=True, algo=None, fp32_accum=None,
                  large_kernel_fast_algo=False, name=None):
@@ -310,180 +356,23 @@ class _SparseInverseConvNd(SparseConvolution):
                          large_kernel_fast_algo=large_kernel_fast_algo, name=name)
 
 
-class SparseConv1d(_SparseConvNd):
-    """Regular (strided) sparse 1D convolution: every output site reached by an active input.
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 2]`` (batch, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 2]`` sorted by (batch, coords),
-    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
-    Weight: ``[out_channels, k, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 1
-
-
-class SparseConv2d(_SparseConvNd):
-    """Regular (strided) sparse 2D convolution: every output site reached by an active input.
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 3]`` (batch, y, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 3]`` sorted by (batch, coords),
-    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
-    Weight: ``[out_channels, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 2
-
-
-class SparseConv3d(_SparseConvNd):
-    """Regular (strided) sparse 3D convolution: every output site reached by an active input.
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 4]`` (batch, z, y, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 4]`` sorted by (batch, coords),
-    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
-    Weight: ``[out_channels, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 3
-
-
-class SparseConv4d(_SparseConvNd):
-    """Regular (strided) sparse 4D convolution: every output site reached by an active input.
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 5]`` (batch, t, z, y, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 5]`` sorted by (batch, coords),
-    ``spatial_shape`` ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` per dimension.
-    Weight: ``[out_channels, kt, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 4
-
-
-class SparseConvTranspose1d(_SparseConvNd):
-    """Transposed sparse 1D convolution (upsampling to every site an input reaches).
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 2]`` (batch, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 2]``, ``spatial_shape``
-    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
-    Weight: ``[out_channels, k, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM, TRANSPOSED = 1, True
-
-
-class SparseConvTranspose2d(_SparseConvNd):
-    """Transposed sparse 2D convolution (upsampling to every site an input reaches).
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 3]`` (batch, y, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 3]``, ``spatial_shape``
-    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
-    Weight: ``[out_channels, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM, TRANSPOSED = 2, True
-
-
-class SparseConvTranspose3d(_SparseConvNd):
-    """Transposed sparse 3D convolution (upsampling to every site an input reaches).
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 4]`` (batch, z, y, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 4]``, ``spatial_shape``
-    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
-    Weight: ``[out_channels, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM, TRANSPOSED = 3, True
-
-
-class SparseConvTranspose4d(_SparseConvNd):
-    """Transposed sparse 4D convolution (upsampling to every site an input reaches).
-
-    Input: features ``[N_in, in_channels]`` at indices ``[N_in, 5]`` (batch, t, z, y, x).
-    Output: features ``[N_out, out_channels]`` at indices ``[N_out, 5]``, ``spatial_shape``
-    ``(in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1`` per dimension.
-    Weight: ``[out_channels, kt, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM, TRANSPOSED = 4, True
-
-
-class SubMConv1d(_SubMConvNd):
-    """Submanifold sparse 1D convolution: the output sites are the input sites.
-
-    Input: features ``[N, in_channels]`` at indices ``[N, 2]`` (batch, x).
-    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
-    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
-    Weight: ``[out_channels, k, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 1
-
-
-class SubMConv2d(_SubMConvNd):
-    """Submanifold sparse 2D convolution: the output sites are the input sites.
-
-    Input: features ``[N, in_channels]`` at indices ``[N, 3]`` (batch, y, x).
-    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
-    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
-    Weight: ``[out_channels, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 2
-
-
-class SubMConv3d(_SubMConvNd):
-    """Submanifold sparse 3D convolution: the output sites are the input sites.
-
-    Input: features ``[N, in_channels]`` at indices ``[N, 4]`` (batch, z, y, x).
-    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
-    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
-    Weight: ``[out_channels, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 3
-
-
-class SubMConv4d(_SubMConvNd):
-    """Submanifold sparse 4D convolution: the output sites are the input sites.
-
-    Input: features ``[N, in_channels]`` at indices ``[N, 5]`` (batch, t, z, y, x).
-    Output: features ``[N, out_channels]`` at the same indices, same ``spatial_shape``.
-    Odd kernel sizes only; stride and padding are ignored (padding is ``(k // 2) * dilation``).
-    Weight: ``[out_channels, kt, kd, kh, kw, in_channels // groups]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 4
-
-
-class SparseInverseConv1d(_SparseInverseConvNd):
-    """Inverse sparse 1D convolution: undoes the strided conv/pool that created ``indice_key``.
-
-    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
-    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 2]``
-    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
-    Weight: ``[out_channels, k, in_channels]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 1
-
-
-class SparseInverseConv2d(_SparseInverseConvNd):
-    """Inverse sparse 2D convolution: undoes the strided conv/pool that created ``indice_key``.
-
-    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
-    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 3]``
-    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
-    Weight: ``[out_channels, kh, kw, in_channels]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 2
-
-
-class SparseInverseConv3d(_SparseInverseConvNd):
-    """Inverse sparse 3D convolution: undoes the strided conv/pool that created ``indice_key``.
-
-    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
-    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 4]``
-    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
-    Weight: ``[out_channels, kd, kh, kw, in_channels]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 3
-
-
-class SparseInverseConv4d(_SparseInverseConvNd):
-    """Inverse sparse 4D convolution: undoes the strided conv/pool that created ``indice_key``.
-
-    Input: the output of the layer that created ``indice_key``, features ``[N_out, in_channels]``.
-    Output: features ``[N_in, out_channels]`` at exactly that layer's input indices ``[N_in, 5]``
-    (same rows, same order) and ``spatial_shape``; ``kernel_size`` must match that layer's.
-    Weight: ``[out_channels, kt, kd, kh, kw, in_channels]`` (KRSC); bias ``[out_channels]``.
-    """
-    NDIM = 4
+# The public classes, spconv's names and constructor signatures; docstrings from the family's DOC.
+class SparseConv1d(_SparseConvNd): NDIM = 1
+class SparseConv2d(_SparseConvNd): NDIM = 2
+class SparseConv3d(_SparseConvNd): NDIM = 3
+class SparseConv4d(_SparseConvNd): NDIM = 4
+class SparseConvTranspose1d(_SparseConvTransposeNd): NDIM = 1
+class SparseConvTranspose2d(_SparseConvTransposeNd): NDIM = 2
+class SparseConvTranspose3d(_SparseConvTransposeNd): NDIM = 3
+class SparseConvTranspose4d(_SparseConvTransposeNd): NDIM = 4
+class SubMConv1d(_SubMConvNd): NDIM = 1
+class SubMConv2d(_SubMConvNd): NDIM = 2
+class SubMConv3d(_SubMConvNd): NDIM = 3
+class SubMConv4d(_SubMConvNd): NDIM = 4
+class SparseInverseConv1d(_SparseInverseConvNd): NDIM = 1
+class SparseInverseConv2d(_SparseInverseConvNd): NDIM = 2
+class SparseInverseConv3d(_SparseInverseConvNd): NDIM = 3
+class SparseInverseConv4d(_SparseInverseConvNd): NDIM = 4
 
 
 DEFAULT_SPARSE_CONV_TYPES = {

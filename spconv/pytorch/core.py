@@ -19,6 +19,16 @@ def expand_nd(ndim: int, val, name: str = "value") -> List[int]:
     return vals
 
 
+_AXES = {1: "x", 2: "y, x", 3: "z, y, x", 4: "t, z, y, x"}
+_KERNEL_AXES = {1: "k", 2: "kh, kw", 3: "kd, kh, kw", 4: "kt, kd, kh, kw"}
+
+
+def per_dim_doc(template: str, ndim: int) -> str:
+    """Fill a layer family's docstring for ``ndim``: ``{n}`` the dimension, ``{cols}`` the indices' columns
+    (1 + ndim), ``{names}`` their names, ``{ks}`` the kernel axes of the weight."""
+    return template.format(n=ndim, cols=ndim + 1, names=f"(batch, {_AXES[ndim]})", ks=_KERNEL_AXES[ndim])
+
+
 class IndiceData:
     """A kernel map stored under an ``indice_key``.
 

@@ -25,11 +25,6 @@ def is_spconv_module(module) -> bool:
     return isinstance(module, (SparseModule, SparseBatchNorm, SparseReLU, SparseSyncBatchNorm))
 
 
-def is_sparse_conv(module) -> bool:
-    from spconv.pytorch.conv import SparseConvolution
-    return isinstance(module, SparseConvolution)
-
-
 class SparseSequential(SparseModule):
     """Sequential container: sparse modules get the SparseConvTensor, any other nn.Module gets its
     features ``[N, C]`` (skipped when there are no sites) and the result replaces them.

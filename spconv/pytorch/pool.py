@@ -16,7 +16,7 @@ import torch
 from spconv.core import ConvAlgo
 from spconv.pytorch import functional as Fsp
 from spconv.pytorch import kernel_maps, ops
-from spconv.pytorch.core import SparseConvTensor, expand_nd
+from spconv.pytorch.core import SparseConvTensor, expand_nd, per_dim_doc
 from spconv.pytorch.modules import SparseModule
 
 
@@ -114,6 +114,12 @@ class SparseAvgPool(_SparsePool):
 
 class _PoolNd:
     NDIM = 0
+    DOC = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.NDIM:
+            cls.__doc__ = per_dim_doc(cls.DOC, cls.NDIM)
 
     def __init__(self, kernel_size, stride=None, padding=0, dilation=1, indice_key=None, algo=None,
                  record_voxel_count=False, name=None):
@@ -121,112 +127,38 @@ class _PoolNd:
                          record_voxel_count, name)
 
 
-class SparseMaxPool1d(_PoolNd, SparseMaxPool):
-    """Max pooling over 1D sparse sites.
-
-    Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 2]`` (batch, x). Output: features
+_POOL_SHAPES = """
+    Input: features ``[N_in, C]`` at indices ``[N_in, {cols}]`` {names}. Output: features
     ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
     ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv1d can restore the input sites.
+    With ``indice_key`` a SparseInverseConv{n}d can restore the input sites.
     """
-    NDIM = 1
 
 
-class SparseMaxPool2d(_PoolNd, SparseMaxPool):
-    """Max pooling over 2D sparse sites.
+class _MaxPoolNd(_PoolNd, SparseMaxPool):
+    DOC = """Max pooling over {n}D sparse sites.
 
     Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 3]`` (batch, y, x). Output: features
-    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
-    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv2d can restore the input sites.
-    """
-    NDIM = 2
+    """ + _POOL_SHAPES
 
 
-class SparseMaxPool3d(_PoolNd, SparseMaxPool):
-    """Max pooling over 3D sparse sites.
-
-    Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 4]`` (batch, z, y, x). Output: features
-    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
-    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv3d can restore the input sites.
-    """
-    NDIM = 3
-
-
-class SparseMaxPool4d(_PoolNd, SparseMaxPool):
-    """Max pooling over 4D sparse sites.
-
-    Each output is max(0, the maximum over the active input sites in its window), as in spconv 2.3.8.
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 5]`` (batch, t, z, y, x). Output: features
-    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
-    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv4d can restore the input sites.
-    """
-    NDIM = 4
-
-
-class SparseAvgPool1d(_PoolNd, SparseAvgPool):
-    """Average pooling over 1D sparse sites.
+class _AvgPoolNd(_PoolNd, SparseAvgPool):
+    DOC = """Average pooling over {n}D sparse sites.
 
     Each output is the mean over the active input sites in its window (divided by their count, not
     the kernel volume).
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 2]`` (batch, x). Output: features
-    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
-    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv1d can restore the input sites.
-    """
-    NDIM = 1
+    """ + _POOL_SHAPES
 
 
-class SparseAvgPool2d(_PoolNd, SparseAvgPool):
-    """Average pooling over 2D sparse sites.
-
-    Each output is the mean over the active input sites in its window (divided by their count, not
-    the kernel volume).
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 3]`` (batch, y, x). Output: features
-    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
-    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv2d can restore the input sites.
-    """
-    NDIM = 2
-
-
-class SparseAvgPool3d(_PoolNd, SparseAvgPool):
-    """Average pooling over 3D sparse sites.
-
-    Each output is the mean over the active input sites in its window (divided by their count, not
-    the kernel volume).
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 4]`` (batch, z, y, x). Output: features
-    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
-    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv3d can restore the input sites.
-    """
-    NDIM = 3
-
-
-class SparseAvgPool4d(_PoolNd, SparseAvgPool):
-    """Average pooling over 4D sparse sites.
-
-    Each output is the mean over the active input sites in its window (divided by their count, not
-    the kernel volume).
-
-    Input: features ``[N_in, C]`` at indices ``[N_in, 5]`` (batch, t, z, y, x). Output: features
-    ``[N_out, C]`` at every site a window reaches, ``spatial_shape``
-    ``(in + 2 * padding - dilation * (k - 1) - 1) // stride + 1`` (``stride`` defaults to ``kernel_size``).
-    With ``indice_key`` a SparseInverseConv4d can restore the input sites.
-    """
-    NDIM = 4
+# The public classes, spconv's names and signatures; docstrings from the family's DOC.
+class SparseMaxPool1d(_MaxPoolNd): NDIM = 1
+class SparseMaxPool2d(_MaxPoolNd): NDIM = 2
+class SparseMaxPool3d(_MaxPoolNd): NDIM = 3
+class SparseMaxPool4d(_MaxPoolNd): NDIM = 4
+class SparseAvgPool1d(_AvgPoolNd): NDIM = 1
+class SparseAvgPool2d(_AvgPoolNd): NDIM = 2
+class SparseAvgPool3d(_AvgPoolNd): NDIM = 3
+class SparseAvgPool4d(_AvgPoolNd): NDIM = 4
 
 
 class SparseGlobalMaxOrAvgPool(SparseModule):

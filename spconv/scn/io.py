@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from spconv.scn import maps
-from spconv.scn.tensor import Metadata, SparseConvNetTensor, check_tensor, size_key, to_long_tensor
+from spconv.scn.tensor import (Metadata, SparseConvNetTensor, check_tensor, size_key, sparse_to_dense,  # noqa: F401
+                               to_long_tensor)
 
 MODES = (0, 1, 2, 3, 4)
 
@@ -295,23 +296,6 @@ class BLOutputLayer(nn.Module):
 
     def input_spatial_size(self, out_size):
         return out_size
-
-
-def sparse_to_dense(input: SparseConvNetTensor, n_planes: Optional[int] = None) -> torch.Tensor:
-    """``[B, C, *spatial_size]`` with the features at the active sites, zeros elsewhere (differentiable)."""
-    size = list(size_key(input.spatial_size))
-    sites = input.metadata.get_sites(size, "SparseToDense")
-    f = input.features
-    b = max(input.metadata.batch_size, 1)
-    c = f.shape[1] if f.dim() == 2 else int(n_planes or 0)
-    volume = 1
-    for s in size:
-        volume *= s
-    out = f.new_zeros((b * volume, c))
-    if sites.shape[0]:
-        key = maps.linear_keys(sites[:, 1:], sites[:, 0], size).to(f.device)
-        out = out.index_put((key,), f)
-    return out.view(b, *size, c).movedim(-1, 1).contiguous()
 
 
 class SparseToDense(nn.Module):

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from spconv.pytorch.core import SparseConvTensor
 from spconv.scn import maps
 
 
@@ -215,7 +216,6 @@ class SparseConvNetTensor:
 
     def to_spconv(self):
         """This tensor as a :class:`spconv.pytorch.SparseConvTensor` (same rows)."""
-        from spconv.pytorch.core import SparseConvTensor
         return SparseConvTensor(self.features, self.indices, size_key(self.spatial_size), self.batch_size())
 
     @classmethod
@@ -229,7 +229,6 @@ class SparseConvNetTensor:
 
     def dense(self) -> torch.Tensor:
         """Dense ``[B, C, *spatial_size]`` tensor (empty sites are 0)."""
-        from spconv.scn.io import sparse_to_dense
         return sparse_to_dense(self)
 
     # torch-like helpers ---------------------------------------------------
@@ -320,3 +319,20 @@ def concatenate_feature_planes(inputs: Sequence[SparseConvNetTensor]) -> SparseC
 
 def add_feature_planes(inputs: Sequence[SparseConvNetTensor]) -> SparseConvNetTensor:
     return derive(inputs[0], sum(i.features for i in inputs))
+
+
+def sparse_to_dense(input: SparseConvNetTensor, n_planes: Optional[int] = None) -> torch.Tensor:
+    """``[B, C, *spatial_size]`` with the features at the active sites, zeros elsewhere (differentiable)."""
+    size = list(size_key(input.spatial_size))
+    sites = input.metadata.get_sites(size, "SparseToDense")
+    f = input.features
+    b = max(input.metadata.batch_size, 1)
+    c = f.shape[1] if f.dim() == 2 else int(n_planes or 0)
+    volume = 1
+    for s in size:
+        volume *= s
+    out = f.new_zeros((b * volume, c))
+    if sites.shape[0]:
+        key = maps.linear_keys(sites[:, 1:], sites[:, 0], size).to(f.device)
+        out = out.index_put((key,), f)
+    return out.view(b, *size, c).movedim(-1, 1).contiguous()
