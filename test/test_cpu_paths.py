@@ -145,3 +145,14 @@ def test_set_bf16_kernel_rejects_unknown_names():
     with pytest.raises(ValueError, match="brgemm"):
         C.set_bf16_kernel("amx-please")
     assert C.bf16_kernel() == before
+
+
+def test_python_m_spconv_and_benchmark_name_the_kernel_and_cpu():
+    from spconv.__main__ import info
+    from spconv.benchmark.cpu import cpu_description
+    lines = info()
+    assert lines["bf16 kernel"].split()[0] == C.bf16_kernel()
+    assert "tile rows" in lines["blocking"] and "L1d" in lines["blocking"]
+    cpu = cpu_description()
+    assert cpu["model"] and {"avx512_bf16", "amx", "amx_bf16", "bf16_kernel", "blocking"} <= set(cpu)
+    assert cpu["amx_bf16"] == (BLOCKING["amx_bf16"] or cpu["amx_bf16"])  # flags may list AMX that Linux withholds
