@@ -47,16 +47,18 @@ def info() -> dict:
         b = ext.cpu_blocking()
         kernel = ext.bf16_kernel()
         why = {"brgemm": "oneDNN batch-reduce GEMM via torch" + (", AMX tiles" if b["amx_bf16"] else ""),
-               "avx512": "AVX512-BF16 implicit GEMM (vdpbf16ps)", "portable": "gather + GEMM"}[kernel]
+               "avx512": "AVX512-BF16 implicit GEMM (vdpbf16ps)", "portable": "gather + GEMM",
+               "fp32": "bf16 features on the fp32 FMA kernels"}.get(kernel, kernel)
         forced = os.environ.get("SPCONV_BF16_KERNEL")
         out["bf16 kernel"] = (f"{kernel} ({why}); "
                               + (f"forced by SPCONV_BF16_KERNEL={forced}" if forced else
                                  f"auto on this CPU (AMX {_yes(b['amx_bf16'])}; SPCONV_BF16_KERNEL="
-                                 "brgemm|avx512|portable forces one)"))
+                                 "brgemm|avx512|fp32|portable forces one)"))
         out["blocking"] = (f"L1d {b['l1d_bytes'] // 1024} KB, L2 {b['l2_bytes'] // 1024} KB ({b['cache_source']}); "
                            f"implicit-GEMM tile rows {b['tile_rows_64']} at 64 / {b['tile_rows_128']} at 128 "
                            f"output channels; brgemm tiles {b['brgemm_tile_rows_64']} / {b['brgemm_tile_rows_128']} "
-                           f"rows, blocks of {b['brgemm_block_rows']} pairs")
+                           f"rows, blocks of {b['brgemm_block_rows']} pairs; vdpbf16ps {b['bf16_dot_speedup']:.2f}x FMA FLOPs "
+                           f"-> bf16 layers off brgemm use {b['bf16_small_layers']}")
         from spconv.pytorch import ops
         out["cpu allocator"] = ("spconv caching allocator for tensors >= 1 MB (SPCONV_CPU_CACHING_ALLOCATOR=0 to "
                                 "turn off)" if ops.CACHING_ALLOCATOR else "PyTorch default")

@@ -4,7 +4,9 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -108,6 +110,51 @@ bool detect_amx_bf16() {
 #endif
 }
 
+#ifdef SPCONV_HAS_AVX512_KERNELS
+// 12 independent accumulator chains, so the loop is bound by issue rate, not latency.
+SPCONV_AVX512 __attribute__((noinline)) float fma_loop(int64_t n, float seed) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(seed * i);
+  const __m512 a = _mm512_set1_ps(seed), b = _mm512_set1_ps(1.0f - seed);
+  for (int64_t it = 0; it < n; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_fmadd_ps(a, b, acc[i]);
+  __m512 s = acc[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
+  return _mm512_reduce_add_ps(s);
+}
+
+SPCONV_AVX512 __attribute__((noinline)) float dot_loop(int64_t n, float seed) {
+  __m512 acc[12];
+  for (int i = 0; i < 12; ++i) acc[i] = _mm512_set1_ps(seed * i);
+  const __m512bh a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(seed), _mm512_set1_ps(seed));
+  const __m512bh b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1.0f - seed), _mm512_set1_ps(1.0f - seed));
+  for (int64_t it = 0; it < n; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = _mm512_dpbf16_ps(acc[i], a, b);
+  __m512 s = acc[0];
+  for (int i = 1; i < 12; ++i) s = _mm512_add_ps(s, acc[i]);
+  return _mm512_reduce_add_ps(s);
+}
+
+double measure_dot_speedup() {
+  if (!cpu_has_avx512_bf16_dot()) return 0.0;
+  const int64_t n = 4000;  // 48k instructions per loop, tens of microseconds
+  volatile float sink = 0.f;
+  double t_fma = 1e30, t_dot = 1e30;
+  for (int trial = 0; trial < 7; ++trial) {  // best of several: the other core's load only slows a trial down
+    auto t0 = std::chrono::steady_clock::now();
+    sink = sink + fma_loop(n, 0.5f + trial * 1e-3f);
+    auto t1 = std::chrono::steady_clock::now();
+    sink = sink + dot_loop(n, 0.5f + trial * 1e-3f);
+    auto t2 = std::chrono::steady_clock::now();
+    t_fma = std::min(t_fma, std::chrono::duration<double>(t1 - t0).count());
+    t_dot = std::min(t_dot, std::chrono::duration<double>(t2 - t1).count());
+  }
+  return t_dot > 0 ? 2.0 * t_fma / t_dot : 0.0;  // a vdpbf16ps does twice the FLOPs of an FMA
+}
+#else
+double measure_dot_speedup() { return 0.0; }
+#endif
+
 bool avx512_bf16_usable() {
 #ifdef SPCONV_HAS_AVX512_KERNELS
   return cpu_has_avx512_bf16_dot();
@@ -124,10 +171,19 @@ bool x86() {
 #endif
 }
 
-// What a requested kernel becomes on this CPU: avx512 needs AVX512-BF16, brgemm needs x86 (oneDNN).
+bool avx512_usable() {
+#ifdef SPCONV_HAS_AVX512_KERNELS
+  return cpu_has_avx512();
+#else
+  return false;
+#endif
+}
+
+// What a requested kernel becomes on this CPU: avx512 needs AVX512-BF16, fp32 AVX-512, brgemm x86 (oneDNN).
 Bf16Kernel runnable(Bf16Kernel k) {
   if (k == Bf16Kernel::brgemm && !x86()) k = Bf16Kernel::avx512;
-  if (k == Bf16Kernel::avx512 && !avx512_bf16_usable()) k = Bf16Kernel::portable;
+  if (k == Bf16Kernel::avx512 && !avx512_bf16_usable()) k = Bf16Kernel::fp32;
+  if (k == Bf16Kernel::fp32 && !avx512_usable()) k = Bf16Kernel::portable;
   return k;
 }
 
@@ -143,7 +199,7 @@ int initial_kernel() {
       k = runnable(forced);
       g_forced.store(std::strcmp(v, "auto") != 0);
     } else {
-      std::fprintf(stderr, "spconv: ignoring SPCONV_BF16_KERNEL=%s (expected brgemm, avx512, portable or auto)\n",
+      std::fprintf(stderr, "spconv: ignoring SPCONV_BF16_KERNEL=%s (expected brgemm, avx512, fp32, portable or auto)\n",
                    v);
     }
   }
@@ -162,9 +218,18 @@ bool cpu_has_amx_bf16() {
   return has;
 }
 
+double bf16_dot_speedup() {
+  static const double s = measure_dot_speedup();
+  return s;
+}
+
+Bf16Kernel bf16_dot_or_fma() {
+  return runnable(bf16_dot_speedup() >= 1.3 ? Bf16Kernel::avx512 : Bf16Kernel::fp32);
+}
+
 Bf16Kernel bf16_kernel_auto() {
   if (cpu_has_amx_bf16()) return Bf16Kernel::brgemm;
-  return runnable(Bf16Kernel::avx512);
+  return bf16_dot_or_fma();
 }
 
 Bf16Kernel bf16_kernel() {
@@ -192,6 +257,7 @@ const char* bf16_kernel_name(Bf16Kernel k) {
   switch (k) {
     case Bf16Kernel::brgemm: return "brgemm";
     case Bf16Kernel::avx512: return "avx512";
+    case Bf16Kernel::fp32: return "fp32";
     default: return "portable";
   }
 }
@@ -200,6 +266,7 @@ bool parse_bf16_kernel(const char* s, Bf16Kernel* out) {
   if (std::strcmp(s, "brgemm") == 0) *out = Bf16Kernel::brgemm;
   else if (std::strcmp(s, "avx512") == 0) *out = Bf16Kernel::avx512;
   else if (std::strcmp(s, "portable") == 0) *out = Bf16Kernel::portable;
+  else if (std::strcmp(s, "fp32") == 0) *out = Bf16Kernel::fp32;
   else if (std::strcmp(s, "auto") == 0) *out = bf16_kernel_auto();
   else return false;
   return true;

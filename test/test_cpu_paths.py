@@ -6,8 +6,8 @@ SPCONV_L2_BYTES). bf16 within 1.1e-2 of the largest reference value (the referen
 bf16-rounded inputs), fp32 within 1e-5.
 
 Paths: brgemm (oneDNN's batch-reduce GEMM through torch: AMX tiles on CPUs that have them, AVX512-BF16 or
-AVX2 code elsewhere, so it runs on this machine either way), avx512 (AVX512-BF16 implicit GEMM) and
-portable (gather + GEMM). A path the CPU cannot run is skipped with the reason."""
+AVX2 code elsewhere, so it runs on this machine either way), avx512 (AVX512-BF16 implicit GEMM), fp32
+(bf16 features on the fp32 FMA kernels, where vdpbf16ps gains nothing) and portable (gather + GEMM). A path the CPU cannot run is skipped with the reason."""
 import json
 import os
 import subprocess
@@ -87,9 +87,11 @@ def skip_unless(kernel):
         pytest.skip("torch is built without oneDNN: no brgemm")
     if kernel == "avx512" and not has_avx512_bf16():
         pytest.skip("this CPU has no AVX512-BF16 (vdpbf16ps): the avx512 bf16 kernel cannot run")
+    if kernel == "fp32" and not C.conv_kernels().startswith("AVX-512"):
+        pytest.skip("no AVX-512 on this CPU: the fp32 FMA kernels for bf16 features cannot run")
 
 
-@pytest.mark.parametrize("kernel", ["brgemm", "avx512", "portable"])
+@pytest.mark.parametrize("kernel", ["brgemm", "avx512", "fp32", "portable"])
 def test_bf16_path_matches_dense_conv3d(kernel):
     skip_unless(kernel)
     # small L2: the brgemm path's destination tiles hold 32-64 rows, so every input spans many tiles
@@ -99,7 +101,7 @@ def test_bf16_path_matches_dense_conv3d(kernel):
     check(result, 1.1e-2)
 
 
-@pytest.mark.parametrize("kernel", ["brgemm", "avx512"])
+@pytest.mark.parametrize("kernel", ["brgemm", "avx512", "fp32"])
 def test_bf16_path_default_tiles(kernel):
     """The same path with the cache sizes of this CPU (its own tile sizes), a few channel pairs."""
     skip_unless(kernel)
@@ -138,6 +140,8 @@ def test_blocking_derived_from_cache_sizes():
         assert b["tile_rows_64"] == max(32, min(512, floats // 64 // 16 * 16))
         assert b["tile_rows_128"] == max(32, min(512, floats // 128 // 16 * 16))
     assert b["brgemm_tile_rows_128"] % b["brgemm_block_rows"] == 0
+    assert b["bf16_small_layers"] == ("avx512" if b["bf16_dot_speedup"] >= 1.3 else "fp32") or \
+        b["bf16_small_layers"] == "portable"
 
 
 def test_set_bf16_kernel_rejects_unknown_names():
