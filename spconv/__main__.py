@@ -1,7 +1,7 @@
 """``python -m spconv``: version, backend, threads and CPU features of this installation.
 
 Prints one ``key: value`` line each: the spconv version (API level), whether the compiled CPU
-extension loads (and from where), which conv kernels and CPU allocator it uses, the torch version, torch's intra-op (OpenMP) thread count, the
+extension loads (and from where), which conv kernels (and bf16 kernel, and the tile sizes derived from the cache sizes) and CPU allocator it uses, the torch version, torch's intra-op (OpenMP) thread count, the
 CPU's AVX2 / AVX-512 / AMX flags from /proc/cpuinfo (and the kernel level torch dispatches to), and
 whether Triton imports.
 """
@@ -44,6 +44,21 @@ def info() -> dict:
         n_ops = len([n for n in torch._C._dispatch_get_all_op_names() if n.startswith("spconv::")])
         out["backend"] = f"CPU extension loaded ({os.path.basename(ext.__file__)}, {n_ops} ops in torch.ops.spconv)"
         out["conv kernels"] = ext.conv_kernels()
+        b = ext.cpu_blocking()
+        kernel = ext.bf16_kernel()
+        why = {"brgemm": "oneDNN batch-reduce GEMM via torch" + (", AMX tiles" if b["amx_bf16"] else ""),
+               "avx512": "AVX512-BF16 implicit GEMM (vdpbf16ps)", "portable": "gather + GEMM",
+               "fp32": "bf16 features on the fp32 FMA kernels"}.get(kernel, kernel)
+        forced = os.environ.get("SPCONV_BF16_KERNEL")
+        out["bf16 kernel"] = (f"{kernel} ({why}); "
+                              + (f"forced by SPCONV_BF16_KERNEL={forced}" if forced else
+                                 f"auto on this CPU (AMX {_yes(b['amx_bf16'])}; SPCONV_BF16_KERNEL="
+                                 "brgemm|avx512|fp32|portable forces one)"))
+        out["blocking"] = (f"L1d {b['l1d_bytes'] // 1024} KB, L2 {b['l2_bytes'] // 1024} KB ({b['cache_source']}); "
+                           f"implicit-GEMM tile rows {b['tile_rows_64']} at 64 / {b['tile_rows_128']} at 128 "
+                           f"output channels; brgemm tiles {b['brgemm_tile_rows_64']} / {b['brgemm_tile_rows_128']} "
+                           f"rows, blocks of {b['brgemm_block_rows']} pairs; vdpbf16ps {b['bf16_dot_speedup']:.2f}x FMA FLOPs "
+                           f"-> bf16 layers off brgemm use {b['bf16_small_layers']}")
         from spconv.pytorch import ops
         out["cpu allocator"] = ("spconv caching allocator for tensors >= 1 MB (SPCONV_CPU_CACHING_ALLOCATOR=0 to "
                                 "turn off)" if ops.CACHING_ALLOCATOR else "PyTorch default")

@@ -8,6 +8,8 @@
 #include <cstring>
 #include <vector>
 
+#include "spconv/conv_brgemm.h"
+#include "spconv/cpu_features.h"
 #include "spconv/implicit_gemm.h"
 
 namespace spconv {
@@ -15,12 +17,31 @@ namespace spconv {
 #ifdef SPCONV_HAS_AVX512_KERNELS
 
 bool avx512_conv_available() { return cpu_has_avx512(); }
-bool avx512_bf16_conv_available() { return cpu_has_avx512_bf16_dot(); }
+// The bf16 forward / backward-input come here with the AVX512-BF16 kernels or oneDNN's brgemm
+// (SPCONV_BF16_KERNEL, include/spconv/cpu_features.h); the portable kernel is conv.cpp's gather + GEMM.
+bool avx512_bf16_conv_available() {
+  const Bf16Kernel k = bf16_kernel();
+  return k == Bf16Kernel::brgemm || (k == Bf16Kernel::avx512 && cpu_has_avx512_bf16_dot()) ||
+         (k == Bf16Kernel::fp32 && cpu_has_avx512());
+}
+
+// Rows per destination tile: the fp32 accumulator tile takes half of this CPU's L1d (24 KB of a 48 KB L1d),
+// at least 32 rows, at most 512; a multiple of 16.
+int64_t implicit_gemm_tile_rows(int64_t ldc) {
+  static const int64_t budget = cpu_cache_sizes().l1d / 2 / int64_t(sizeof(float));  // floats
+  return std::max<int64_t>(32, std::min<int64_t>(512, budget / ldc / 16 * 16));
+}
 
 namespace {
 
-// Rows per destination tile: the fp32 accumulator tile stays within ~24 KB (L1), at least 32 rows.
-int64_t tile_rows(int64_t ldc) { return std::max<int64_t>(32, std::min<int64_t>(512, 6144 / ldc / 16 * 16)); }
+int64_t tile_rows(int64_t ldc) { return implicit_gemm_tile_rows(ldc); }
+
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = uint32_t(h) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
 
 // Register blocking by the number of 16-column vectors NB: M rows x NB accumulators, k unrolled by KU.
 template <int NB>
@@ -50,11 +71,14 @@ struct TapPairs {
   }
 };
 
-template <typename T>
+struct Bf16OnFma {};  // kernel tag: bf16 features and output, fp32 weights and FMAs
+
+template <typename K>
 struct Kernel;
 template <>
 struct Kernel<float> {
-  using W = float;
+  using A = float;  // feature type
+  using W = float;  // weight type
   static constexpr int64_t wcols = 1;  // weight elements per (k-step, column)
   template <int M, int NB, int KU>
   static void rows(int64_t k, const float* const* a, float* const* c, const float* b, int64_t ldb) {
@@ -63,6 +87,7 @@ struct Kernel<float> {
 };
 template <>
 struct Kernel<uint16_t> {
+  using A = uint16_t;
   using W = uint16_t;
   static constexpr int64_t wcols = 2;  // k pairs interleaved
   template <int M, int NB, int KU>
@@ -70,33 +95,43 @@ struct Kernel<uint16_t> {
     igemm::bf16_rows<M, NB, KU>(k, a, c, b, ldb);
   }
 };
+template <>
+struct Kernel<Bf16OnFma> {
+  using A = uint16_t;
+  using W = float;
+  static constexpr int64_t wcols = 1;
+  template <int M, int NB, int KU>
+  static void rows(int64_t k, const uint16_t* const* a, float* const* c, const float* b, int64_t ldb) {
+    igemm::fp32_rows<M, NB, KU, uint16_t>(k, a, c, b, ldb);
+  }
+};
 
-template <typename T, int M, int NB>
-inline void pair_block(const int32_t* rows, const int32_t* srcs, const T* src, int64_t cs, float* acc, int64_t ldc,
-                       const T* b, int64_t ldb) {
-  const T* a[M];
+template <typename K, int M, int NB>
+inline void pair_block(const int32_t* rows, const int32_t* srcs, const typename Kernel<K>::A* src, int64_t cs,
+                       float* acc, int64_t ldc, const typename Kernel<K>::W* b, int64_t ldb) {
+  const typename Kernel<K>::A* a[M];
   float* c[M];
   for (int i = 0; i < M; ++i) {
     a[i] = src + int64_t(srcs[i]) * cs;
     c[i] = acc + int64_t(rows[i]) * ldc;
   }
-  Kernel<T>::template rows<M, NB, Blocking<NB>::KU>(cs, a, c, b, ldb);
+  Kernel<K>::template rows<M, NB, Blocking<NB>::KU>(cs, a, c, b, ldb);
 }
 
 // All n pairs of one tap against one block of NB column vectors: full blocks of M, then 8/4/2/1.
-template <typename T, int NB>
-void tap_pairs(int64_t n, const int32_t* rows, const int32_t* srcs, const T* src, int64_t cs, float* acc,
-               int64_t ldc, const T* b, int64_t ldb) {
+template <typename K, int NB>
+void tap_pairs(int64_t n, const int32_t* rows, const int32_t* srcs, const typename Kernel<K>::A* src, int64_t cs,
+               float* acc, int64_t ldc, const typename Kernel<K>::W* b, int64_t ldb) {
   constexpr int M = Blocking<NB>::M;
   int64_t p = 0;
-  for (; p + M <= n; p += M) pair_block<T, M, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
+  for (; p + M <= n; p += M) pair_block<K, M, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
   if (M > 8 && p + 8 <= n) {
-    pair_block<T, (M > 8 ? 8 : 1), NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
+    pair_block<K, (M > 8 ? 8 : 1), NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
     p += M > 8 ? 8 : 1;
   }
-  for (; p + 4 <= n; p += 4) pair_block<T, 4, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
-  for (; p + 2 <= n; p += 2) pair_block<T, 2, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
-  for (; p < n; ++p) pair_block<T, 1, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
+  for (; p + 4 <= n; p += 4) pair_block<K, 4, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
+  for (; p + 2 <= n; p += 2) pair_block<K, 2, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
+  for (; p < n; ++p) pair_block<K, 1, NB>(rows + p, srcs + p, src, cs, acc, ldc, b, ldb);
 }
 
 inline void store_rows(const float* acc, int64_t ldc, int64_t rows, int64_t cd, float* dst) {
@@ -116,12 +151,13 @@ SPCONV_AVX512 void store_rows(const float* acc, int64_t ldc, int64_t rows, int64
   }
 }
 
-template <typename T>
-void conv_tiles(const T* src, int64_t cs, const int32_t* table, int64_t n_dst, int64_t kv, const T* w, int64_t ldw,
-                int64_t cd, T* dst) {
+template <typename K>
+void conv_tiles(const typename Kernel<K>::A* src, int64_t cs, const int32_t* table, int64_t n_dst, int64_t kv,
+                const typename Kernel<K>::W* w, int64_t ldw, int64_t cd, typename Kernel<K>::A* dst) {
+  using W = typename Kernel<K>::W;
   const int64_t ldc = ldw, tr = tile_rows(ldc);
-  const int64_t k_steps = (cs + Kernel<T>::wcols - 1) / Kernel<T>::wcols;
-  const int64_t w_tap = k_steps * ldw * Kernel<T>::wcols;  // weight elements per tap
+  const int64_t k_steps = (cs + Kernel<K>::wcols - 1) / Kernel<K>::wcols;
+  const int64_t w_tap = k_steps * ldw * Kernel<K>::wcols;  // weight elements per tap
   const int64_t n_tiles = (n_dst + tr - 1) / tr;
   at::parallel_for(0, n_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
     std::vector<float> acc(tr * ldc);
@@ -136,13 +172,13 @@ void conv_tiles(const T* src, int64_t cs, const int32_t* table, int64_t n_dst, i
         const int32_t* rows = pairs.row.data() + r * tr;
         const int32_t* srcs = pairs.src.data() + r * tr;
         for (int64_t n0 = 0; n0 < ldc; n0 += 64) {
-          const T* b = w + r * w_tap + n0 * Kernel<T>::wcols;
+          const W* b = w + r * w_tap + n0 * Kernel<K>::wcols;
           float* a0 = acc.data() + n0;
           switch (std::min<int64_t>(4, (ldc - n0) / 16)) {
-            case 1: tap_pairs<T, 1>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
-            case 2: tap_pairs<T, 2>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
-            case 3: tap_pairs<T, 3>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
-            default: tap_pairs<T, 4>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
+            case 1: tap_pairs<K, 1>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
+            case 2: tap_pairs<K, 2>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
+            case 3: tap_pairs<K, 3>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
+            default: tap_pairs<K, 4>(n, rows, srcs, src, cs, a0, ldc, b, ldw); break;
           }
         }
       }
@@ -231,7 +267,22 @@ void avx512_conv_fp32(const float* src, int64_t cs, const int32_t* table, int64_
 
 void avx512_conv_bf16(const uint16_t* src, int64_t cs, const int32_t* table, int64_t n_dst, int64_t kv,
                       const uint16_t* w, int64_t ldw, int64_t cd, uint16_t* dst) {
-  conv_tiles<uint16_t>(src, cs, table, n_dst, kv, w, ldw, cd, dst);
+  // brgemm's per-call cost dominates thin layers (measured on Zen 5: 0.5x the AVX512-BF16 kernel at 16
+  // channels, 0.08x at 4); unless forced, they stay on the AVX512-BF16 kernel.
+  if (bf16_kernel() == Bf16Kernel::brgemm &&
+      (bf16_kernel_forced() || !cpu_has_avx512_bf16_dot() || (cs >= kBrgemmMinChannels && cd >= kBrgemmMinChannels)))
+    return brgemm_conv_bf16(src, cs, table, n_dst, kv, w, ldw, cd, dst);
+  const Bf16Kernel k = bf16_kernel() == Bf16Kernel::brgemm ? bf16_dot_or_fma() : bf16_kernel();
+  if (k == Bf16Kernel::avx512 && cpu_has_avx512_bf16_dot())
+    return conv_tiles<uint16_t>(src, cs, table, n_dst, kv, w, ldw, cd, dst);
+  // fp32 FMAs on the bf16 features: the pair-packed weights widened to [kv][cs][ldw] fp32 once
+  const int64_t w_tap = (cs + 1) / 2 * ldw * 2;
+  std::vector<float> wf(kv * cs * ldw);
+  for (int64_t r = 0; r < kv; ++r)
+    for (int64_t c = 0; c < cs; ++c)
+      for (int64_t n = 0; n < ldw; ++n)
+        wf[(r * cs + c) * ldw + n] = bf16_to_float(w[r * w_tap + ((c / 2) * ldw + n) * 2 + (c & 1)]);
+  conv_tiles<Bf16OnFma>(src, cs, table, n_dst, kv, wf.data(), ldw, cd, dst);
 }
 
 void avx512_conv_weight_grad_fp32(const float* src, int64_t cin, const int32_t* table, int64_t n_dst, int64_t kv,
@@ -248,6 +299,7 @@ void avx512_conv_weight_grad_bf16(const uint16_t* src, int64_t cin, const int32_
 
 bool avx512_conv_available() { return false; }
 bool avx512_bf16_conv_available() { return false; }
+int64_t implicit_gemm_tile_rows(int64_t) { return 0; }
 void avx512_conv_fp32(const float*, int64_t, const int32_t*, int64_t, int64_t, const float*, int64_t, int64_t,
                       float*) {
   TORCH_CHECK(false, "spconv: AVX-512 kernels are not compiled in");

@@ -9,17 +9,20 @@
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
+
+#include "spconv/cpu_features.h"
 #define SPCONV_HAS_BF16_KERNEL 1
 
 namespace spconv {
 
-inline bool cpu_has_avx512_bf16() {  // SPCONV_DISABLE_AVX512=1 turns it off too (see implicit_gemm.h)
+// SPCONV_DISABLE_AVX512=1 turns it off too (see implicit_gemm.h), and so does SPCONV_BF16_KERNEL=portable.
+inline bool cpu_has_avx512_bf16() {
   static const bool has = [] {
     const char* off = std::getenv("SPCONV_DISABLE_AVX512");
     return !(off != nullptr && off[0] != '\0' && off[0] != '0') && __builtin_cpu_supports("avx512bf16") &&
            __builtin_cpu_supports("avx512bw");
   }();
-  return has;
+  return has && bf16_kernel() != Bf16Kernel::portable;
 }
 
 namespace bf16_detail {

@@ -10,7 +10,10 @@
 namespace spconv {
 
 bool avx512_conv_available();       // AVX-512 F/BW/VL/DQ (fp32 kernels and bf16 weight gradients)
-bool avx512_bf16_conv_available();  // + AVX512-BF16 dot products (bf16 forward / backward-input)
+bool avx512_bf16_conv_available();  // bf16 forward / backward-input here: AVX512-BF16 dot products or brgemm
+
+// Destination rows per tile of the implicit-GEMM kernels for ldc accumulator columns (from the L1d size).
+int64_t implicit_gemm_tile_rows(int64_t ldc);
 
 // dst[j] = sum_r W_r^T src[table[j, r]]: packed weights w[r][cs][ldw] (fp32, ldw = cd rounded up to 16,
 // zero padded); dst [n_dst, cd] row-major.

@@ -63,9 +63,19 @@ SPCONV_AVX512_INLINE void store_rows(const __m512 (&acc)[M][NB], float* const* c
     for (int j = 0; j < NB; ++j) _mm512_storeu_ps(c[i] + 16 * j, acc[i][j]);
 }
 
+// One source value as fp32 (bf16 is the top half of an fp32).
+SPCONV_AVX512_INLINE float load_scalar(const float* p) { return *p; }
+SPCONV_AVX512_INLINE float load_scalar(const uint16_t* p) {
+  const uint32_t bits = uint32_t(*p) << 16;
+  float v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
 // ---- fp32: c[i] += a[i][0:k] @ b[0:k][0:16NB] ----------------------------------------------------
-template <int M, int NB, int KU>
-SPCONV_AVX512 void fp32_rows(int64_t k, const float* const* a, float* const* c, const float* b, int64_t ldb) {
+// TA = float, or uint16_t for bf16 features on fp32 FMAs (CPUs where vdpbf16ps gains nothing over FMA).
+template <int M, int NB, int KU, typename TA = float>
+SPCONV_AVX512 void fp32_rows(int64_t k, const TA* const* a, float* const* c, const float* b, int64_t ldb) {
   __m512 acc[M][NB];
   load_rows<M, NB>(acc, c);
   int64_t p = 0;
@@ -77,10 +87,10 @@ SPCONV_AVX512 void fp32_rows(int64_t k, const float* const* a, float* const* c, 
       for (int j = 0; j < NB; ++j) bv[u][j] = _mm512_loadu_ps(b + (p + u) * ldb + 16 * j);
     SPCONV_UNROLL
     for (int i = 0; i < M; ++i) {
-      const float* ai = a[i] + p;
+      const TA* ai = a[i] + p;
       SPCONV_UNROLL
       for (int u = 0; u < KU; ++u) {
-        const __m512 av = _mm512_set1_ps(ai[u]);
+        const __m512 av = _mm512_set1_ps(load_scalar(ai + u));
         SPCONV_UNROLL
         for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[u][j], acc[i][j]);
       }
@@ -92,7 +102,7 @@ SPCONV_AVX512 void fp32_rows(int64_t k, const float* const* a, float* const* c, 
     for (int j = 0; j < NB; ++j) bv[j] = _mm512_loadu_ps(b + p * ldb + 16 * j);
     SPCONV_UNROLL
     for (int i = 0; i < M; ++i) {
-      const __m512 av = _mm512_set1_ps(a[i][p]);
+      const __m512 av = _mm512_set1_ps(load_scalar(a[i] + p));
       SPCONV_UNROLL
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(av, bv[j], acc[i][j]);
     }
@@ -151,13 +161,6 @@ SPCONV_AVX512 void bf16_rows(int64_t k, const uint16_t* const* a, float* const* 
 }
 
 // ---- weight gradient ------------------------------------------------------------------------------
-SPCONV_AVX512_INLINE float load_scalar(const float* p) { return *p; }
-SPCONV_AVX512_INLINE float load_scalar(const uint16_t* p) {
-  const uint32_t bits = uint32_t(*p) << 16;
-  float v;
-  std::memcpy(&v, &bits, sizeof(v));
-  return v;
-}
 SPCONV_AVX512_INLINE __m512 load_vec(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
 SPCONV_AVX512_INLINE __m512 load_vec(const uint16_t* p, __mmask16 mask) {
   const __m256i h = _mm256_maskz_loadu_epi16(mask, p);

@@ -268,6 +268,32 @@ def matmul_peak(dtype_name="float32", n=2048, reps=5):
     return 2 * n ** 3 / min(ts) / 1e9
 
 
+def cpu_description():
+    """CPU model, the ISA flags that pick the kernels, and which bf16 kernel / blocking this install uses."""
+    import platform
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model in ("", platform.machine(), platform.processor()):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    out = {"model": model, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags,
+           "avx512_bf16": "avx512_bf16" in flags, "amx": sorted(f for f in flags if f.startswith("amx")),
+           "amx_bf16": "amx_bf16" in flags and "amx_tile" in flags}
+    try:
+        import spconv._C as ext
+        out["bf16_kernel"] = ext.bf16_kernel()
+        out["blocking"] = ext.cpu_blocking()
+    except (ImportError, AttributeError):
+        pass
+    return out
+
+
 def run_worker(python, scan, model, mode, reps, data, threads=None):
     cmd = [python, os.path.abspath(__file__), "--worker", "--scan", scan, "--model", model, "--mode", mode,
            "--reps", str(reps), "--data", data]
@@ -306,7 +332,10 @@ def main(argv=None):
     import torch
     peak32 = matmul_peak("float32")
     peak16 = matmul_peak("bfloat16")
-    print(f"machine: {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    cpu = cpu_description()
+    print(f"machine: {cpu['model']}, {os.cpu_count()} cores (AVX-512 {cpu['avx512f']}, AVX512-BF16 "
+          f"{cpu['avx512_bf16']}, AMX {' '.join(cpu['amx']) or 'no'}; bf16 kernel {cpu.get('bf16_kernel', '?')}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"measured matmul peak fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s")
     workloads = []
     for model in args.models:
@@ -358,7 +387,7 @@ def main(argv=None):
           "maps + the network input + the widest conv layer's input and output features")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "results": results}, f, indent=1)
+            json.dump({"cpu": cpu, "peak_fp32_gflops": peak32, "peak_bf16_gflops": peak16, "results": results}, f, indent=1)
         print(f"wrote {args.json}")
 
 
