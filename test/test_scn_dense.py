@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import spconv.scn as scn
 from helpers import dense_conv, dense_conv_transpose, gather_sites, random_sparse, to_dense
 from spconv.pytorch import ops
-from spconv.scn import maps
+from spconv.pytorch import reference_maps
 
 SHAPES = {1: [21], 2: [9, 11], 3: [7, 9, 5], 4: [5, 5, 3, 5]}
 DENSE_POOL = {"max": {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d},
@@ -337,26 +337,33 @@ def test_higher_dimension_rulebooks_brute_force(nd):
                                    1), axis=0)
     sites = torch.from_numpy(pts).int()
     ksize = [3, 2, 3, 1, 3, 2][:nd]
-    torch.testing.assert_close(maps.subm_table(sites, shape, [3] * nd, 2).numpy(), _brute_subm(sites, [3] * nd),
+    torch.testing.assert_close(ops.build_subm_map(sites, shape, [3] * nd, [1] * nd, 2).numpy(),
+                               _brute_subm(sites, [3] * nd),
                                check_dtype=False)
     stride = [2, 1, 2, 1, 1, 2][:nd]
     out_shape = [(i - k) // s + 1 for i, k, s in zip(shape, ksize, stride)]
-    out_idx, table = maps.conv_table(sites, shape, out_shape, ksize, stride, 2)
+    out_idx, table = ops.build_conv_map(sites, shape, out_shape, ksize, stride, [0] * nd, [1] * nd, False, 2)
     keys, ref = _brute_conv(sites, shape, ksize, stride)
     np.testing.assert_array_equal(out_idx.numpy(), keys)
     np.testing.assert_array_equal(table.numpy(), ref)
 
 
 @pytest.mark.parametrize("nd", [1, 2, 3, 4])
-def test_pytorch_rulebooks_equal_compiled(nd):
-    """The PyTorch builder used above 4D gives the compiled builder's tables, row for row."""
+def test_reference_maps_equal_compiled(nd):
+    """The PyTorch builder used above 4D gives the compiled builder's tables, row for row, with padding
+    and dilation too."""
     shape = SHAPES[nd]
     _, idx = random_sparse(shape, 2, 0.3, 1, seed=nd)
-    for k in ([3] * nd, [5] + [1] * (nd - 1)):
-        assert torch.equal(maps._torch_subm(idx, shape, k), ops.build_subm_map(idx, shape, k, [1] * nd, 2))
-    for k, s, transposed in (([3] * nd, [2] * nd, False), ([2] * nd, [2] * nd, False), ([3] * nd, [2] * nd, True)):
-        out = [(i - 1) * ss + kk for i, kk, ss in zip(shape, k, s)] if transposed else \
-            [(i - kk) // ss + 1 for i, kk, ss in zip(shape, k, s)]
-        a = maps._torch_conv(idx, shape, out, k, s, transposed)
-        b = ops.build_conv_map(idx, shape, out, k, s, [0] * nd, [1] * nd, transposed, 2)
-        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    ones, zeros = [1] * nd, [0] * nd
+    for k, d in (([3] * nd, ones), ([5] + [1] * (nd - 1), ones), ([3] * nd, [2] * nd)):
+        assert torch.equal(reference_maps.build_subm_map(idx, shape, k, d), ops.build_subm_map(idx, shape, k, d, 2))
+    for k, s, p, d, transposed in (([3] * nd, [2] * nd, zeros, ones, False), ([2] * nd, [2] * nd, zeros, ones, False),
+                                   ([3] * nd, [2] * nd, zeros, ones, True), ([3] * nd, [2] * nd, ones, ones, False),
+                                   ([3] * nd, [1] * nd, ones, [2] * nd, False), ([3] * nd, [2] * nd, ones, ones, True)):
+        if transposed:
+            out = ops.get_deconv_output_size(shape, k, s, p, d, zeros)
+        else:
+            out = ops.get_conv_output_size(shape, k, s, p, d)
+        a = reference_maps.build_conv_map(idx, shape, out, k, s, p, d, transposed)
+        b = ops.build_conv_map(idx, shape, out, k, s, p, d, transposed, 2)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), (k, s, p, d, transposed)

@@ -102,7 +102,7 @@ def count_pairs_and_flops(model, x, spconv):
     """Useful FLOPs 2 x pairs x Cin x Cout / groups over the conv layers (needs this package's maps)."""
     try:
         from spconv.pytorch.conv import SparseConvolution
-        from spconv.pytorch import kernel_maps  # noqa: F401  (only in this package)
+        from spconv.pytorch import indice_keys  # noqa: F401  (only in this package)
     except ImportError:
         return None, None, None
     flops, map_bytes, widest, seen = 0, 0, 0, set()

@@ -15,7 +15,7 @@ from torch.nn import init
 from spconv import constants
 from spconv.core import ConvAlgo
 from spconv.pytorch import functional as Fsp
-from spconv.pytorch import kernel_maps, ops
+from spconv.pytorch import indice_keys, ops
 from spconv.pytorch.core import SparseConvTensor, expand_nd, per_dim_doc
 from spconv.pytorch.modules import SparseModule
 
@@ -222,25 +222,24 @@ class SparseConvolution(SparseModule):
         desc = self._describe()
         inverse_data = None
         if self.inverse:
-            inverse_data = kernel_maps.inverse_map(input, self.indice_key, self.kernel_size, desc,
+            inverse_data = indice_keys.inverse_map(input, self.indice_key, self.kernel_size, desc,
                                                    pointwise_ok=self._is_pointwise())
         if self._is_pointwise() and inverse_data is None:
             out_features = self._conv1x1(input)
             out_indices, out_shape = input.indices, input.spatial_shape
             if not self.subm and not self.inverse:
-                indice_dict = kernel_maps.identity_map(input, self.indice_key, self.ndim, self.algo)
+                indice_dict = indice_keys.identity_map(input, self.indice_key, self.ndim, self.algo)
         elif self.inverse:
             data = inverse_data
-            out_features = Fsp.sparse_conv(input.features.contiguous(), self.weight, data.input_major_pairs,
-                                           data.indice_pairs, self.groups)
+            out_features = Fsp.sparse_conv(input.features.contiguous(), self.weight, data.reversed(), self.groups)
             if data.dups is not None:  # the key's input sites repeat: every row of a site gets its value
                 out_features = data.dups.expand(out_features)
             out_indices, out_shape = data.indices, data.spatial_shape
         else:
             if self.subm:
-                data = kernel_maps.subm_map(input, self.indice_key, self.kernel_size, self.dilation, self.algo, desc)
+                data = indice_keys.subm_map(input, self.indice_key, self.kernel_size, self.dilation, self.algo, desc)
             else:
-                data = kernel_maps.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
+                data = indice_keys.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
                                             self.dilation, self.algo, desc, self.transposed, self.output_padding)
             features = input.features.contiguous()
             if data.dups is not None and self.subm:
@@ -249,10 +248,9 @@ class SparseConvolution(SparseModule):
             else:
                 if data.dups is not None:  # strided/transposed: the rows of a site add up (spconv 2.3.8)
                     features = data.dups.sum(features)
-                out_features = Fsp.sparse_conv(features, self.weight, data.indice_pairs,
-                                               (lambda: data.input_major_pairs), self.groups)
+                out_features = Fsp.sparse_conv(features, self.weight, data, self.groups)
             out_indices, out_shape = data.out_indices, data.out_spatial_shape
-            indice_dict = kernel_maps.with_key(indice_dict, self.indice_key, data)
+            indice_dict = indice_keys.with_key(indice_dict, self.indice_key, data)
         if self._records_voxels():
             buf = getattr(self, _MAX_NUM_VOXELS_DURING_TRAINING)
             buf.fill_(max(int(buf.item()), out_indices.shape[0]))

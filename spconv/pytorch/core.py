@@ -7,6 +7,7 @@ import torch
 
 from spconv import constants
 from spconv.core import ConvAlgo
+from spconv.pytorch import ops
 
 def expand_nd(ndim: int, val, name: str = "value") -> List[int]:
     """An int becomes ``[val] * ndim``; a sequence must have ``ndim`` entries."""
@@ -29,19 +30,69 @@ def per_dim_doc(template: str, ndim: int) -> str:
     return template.format(n=ndim, cols=ndim + 1, names=f"(batch, {_AXES[ndim]})", ks=_KERNEL_AXES[ndim])
 
 
-class IndiceData:
-    """A kernel map stored under an ``indice_key``.
+class KernelMap:
+    """A kernel map, the one object every sparse layer (spconv.pytorch and spconv.scn) runs through.
 
-    ``indice_pairs`` is the output-major neighbour table ``[N_out, K]`` int32: row j, tap r holds the
-    input row feeding output j through kernel offset r, or -1. ``indices``/``spatial_shape`` describe
-    the input sites, ``out_indices``/``out_spatial_shape`` the output sites.
+    ``indice_pairs`` is the output-major table ``[N_out, K]`` int32: row j, tap r holds the input row
+    feeding output j through kernel offset r (taps row-major, last dimension fastest), or -1.
+    ``input_major_pairs`` is the input-major table ``[num_inputs, K]`` (the output row each input feeds
+    through tap r), built on first use: a flip of the taps for ``mirrored`` maps (odd SubM kernels), else
+    ``ops.invert_map``. The autograd Functions take a KernelMap: forward reads ``indice_pairs``,
+    backward ``input_major_pairs``; :meth:`reversed` swaps the two (inverse convs, Deconvolution).
+    """
+
+    def __init__(self, indice_pairs: torch.Tensor, num_inputs: int, mirrored: bool = False):
+        self.indice_pairs = indice_pairs
+        self._num_inputs = int(num_inputs)
+        self.mirrored = mirrored
+        self._input_major = None
+        self._counts = None
+
+    @property
+    def num_inputs(self) -> int:
+        return self._num_inputs
+
+    @property
+    def input_major_pairs(self) -> torch.Tensor:
+        if self._input_major is None:
+            if self.mirrored:  # input i meets output j through the mirrored tap
+                self._input_major = self.indice_pairs.flip(1).contiguous()
+            else:
+                self._input_major = ops.invert_map(self.indice_pairs, self.num_inputs)
+        return self._input_major
+
+    @property
+    def counts(self) -> torch.Tensor:
+        """``[N_out]``: active taps per output row."""
+        if self._counts is None:
+            self._counts = (self.indice_pairs >= 0).sum(1)
+        return self._counts
+
+    @property
+    def pairs(self) -> int:
+        """Number of (input, output) pairs: the active entries of the table."""
+        return int(self.counts.sum())
+
+    def reversed(self) -> "KernelMap":
+        """The same map run backwards (outputs become inputs), sharing both tables."""
+        back = KernelMap(self.input_major_pairs, self.indice_pairs.shape[0], self.mirrored)
+        back._input_major = self.indice_pairs
+        return back
+
+
+class IndiceData(KernelMap):
+    """A :class:`KernelMap` stored under an ``indice_key`` (spconv's name), with its geometry.
+
+    ``indices [N_in, 1 + D]``/``spatial_shape`` describe the input sites, ``out_indices [N_out, 1 + D]``/
+    ``out_spatial_shape`` the output sites. ``dups`` (a :class:`spconv.pytorch.indice_keys.DuplicateSites`) is set when the input
+    sites repeat: the tables then index the unique sites.
     """
 
     def __init__(self, out_indices, indices, indice_pairs, indice_pair_num, spatial_shape, out_spatial_shape,
-                 is_subm, algo, ksize, stride, dilation, padding, voxel_num=None):
+                 is_subm, algo, ksize, stride, dilation, padding, voxel_num=None, dups=None):
+        super().__init__(indice_pairs, 0, mirrored=bool(is_subm))
         self.out_indices = out_indices
         self.indices = indices
-        self.indice_pairs = indice_pairs
         self.indice_pair_num = indice_pair_num
         self.spatial_shape = list(spatial_shape)
         self.out_spatial_shape = list(out_spatial_shape)
@@ -52,23 +103,18 @@ class IndiceData:
         self.dilation = list(dilation)
         self.padding = list(padding)
         self.voxel_num = voxel_num
-        self._input_major = None
-        self.dups = None  # kernel_maps.DuplicateSites when the input sites repeat: tables then index unique sites
+        self.dups = dups
 
     @property
-    def input_major_pairs(self) -> torch.Tensor:
-        """``[N_in, K]`` int32: the output row each input feeds through tap r, or -1 (built lazily)."""
-        if self._input_major is None:
-            from spconv.pytorch import ops
-            if self.is_subm:  # a SubM map is symmetric: input i meets output j through the mirrored tap
-                self._input_major = self.indice_pairs.flip(1).contiguous()
-            else:
-                num_inputs = self.indices.shape[0] if self.dups is None else self.dups.num_sites
-                self._input_major = ops.invert_map(self.indice_pairs, num_inputs)
-        return self._input_major
+    def num_inputs(self) -> int:
+        return self.indices.shape[0] if self.dups is None else self.dups.num_sites
 
-    def __setstate__(self, state):
+    def __setstate__(self, state):  # pickles of older versions
         state.setdefault("dups", None)
+        state.setdefault("mirrored", bool(state.get("is_subm")))
+        state.setdefault("_counts", None)
+        state.setdefault("_num_inputs", 0)
+        state.pop("build_count", None)
         self.__dict__.update(state)
 
     def __repr__(self):
@@ -352,9 +398,7 @@ class SparseConvTensor:
         self.validated()
         feats = self._features
         out = feats.new_zeros([self.batch_size * self.spatial_size, feats.shape[1]])
-        lin = self.indices[:, 0].long()
-        for d, s in enumerate(self.spatial_shape):
-            lin = lin * s + self.indices[:, d + 1].long()
+        lin = ops.linear_keys(self.indices, self.spatial_shape)
         if lin.shape[0] > 1 and not constants.SPCONV_FX_TRACE_MODE and lin.device.type != "meta":
             uniq, inverse = torch.unique(lin, return_inverse=True)
             if uniq.shape[0] < lin.shape[0]:  # keep the last row of each site: a deterministic scatter
@@ -436,4 +480,4 @@ def scatter_nd(indices: torch.Tensor, updates: torch.Tensor, shape: List[int]) -
 # torch.load defaults to weights_only=True since torch 2.6, which refuses unknown classes. A saved
 # SparseConvTensor holds only tensors, lists, dicts and these data-only classes (no __reduce__ of
 # their own), so they are allowlisted: torch.load(path) restores it without weights_only=False.
-torch.serialization.add_safe_globals([SparseConvTensor, IndiceData, ConvAlgo])
+torch.serialization.add_safe_globals([SparseConvTensor, KernelMap, IndiceData, ConvAlgo])

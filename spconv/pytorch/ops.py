@@ -12,6 +12,8 @@ import spconv._C  # registers torch.ops.spconv.*
 import spconv.triton as _triton  # lazy: imports triton on first use of a kernel
 from spconv.triton.dispatch import use_triton
 from spconv.pytorch import _meta  # noqa: F401  (fake kernels for torch.compile)
+from spconv.pytorch import reference_maps
+from spconv.pytorch.reference_maps import linear_keys  # noqa: F401  (the one definition of site keys)
 
 _ops = torch.ops.spconv
 
@@ -82,8 +84,14 @@ def _batch_size(indices: torch.Tensor, batch_size) -> int:
     return int(indices[:, 0].max()) + 1 if indices.shape[0] > 0 else 1
 
 
+MAX_COMPILED_DIM = 4  # kMaxDim of include/spconv/geometry.h: more dimensions use reference_maps
+
+
 def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_size=None) -> torch.Tensor:
-    """Output-major SubM neighbour table ``[N, K]`` int32 (output sites == input sites)."""
+    """Output-major SubM neighbour table ``[N, K]`` int32 (output sites == input sites). Even kernels
+    (SparseConvNet's rule, input = output - k // 2 + r) and grids of 5+ dimensions use reference_maps."""
+    if len(spatial_shape) > MAX_COMPILED_DIM or any(int(k) % 2 == 0 for k in ksize):
+        return reference_maps.build_subm_map(indices, spatial_shape, ksize, dilation)
     if use_triton(indices):
         return _triton.build_subm_map(indices, spatial_shape, ksize, dilation)
     _check_device(indices, "indices")
@@ -94,6 +102,9 @@ def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_
 def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, padding, dilation,
                    transposed: bool, batch_size=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Regular or transposed conv: ``(out_indices [M, 1+D] sorted by (batch, coords), table [M, K])``."""
+    if len(in_shape) > MAX_COMPILED_DIM:
+        return reference_maps.build_conv_map(indices, in_shape, out_shape, ksize, stride, padding, dilation,
+                                             transposed)
     if use_triton(indices):
         return _triton.build_conv_map(indices, in_shape, out_shape, ksize, stride, padding, dilation, transposed)
     _check_device(indices, "indices")
@@ -104,6 +115,8 @@ def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, pa
 
 def invert_map(table: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """Input-major table ``[num_inputs, K]`` of an output-major one."""
+    if table.shape[0] == 0 or num_inputs == 0:
+        return torch.full((int(num_inputs), table.shape[1]), -1, dtype=torch.int32, device=table.device)
     if use_triton(table):
         return _triton.invert_map(table, num_inputs)
     return _ops.invert_map(table, int(num_inputs))

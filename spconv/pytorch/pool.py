@@ -15,7 +15,7 @@ import torch
 
 from spconv.core import ConvAlgo
 from spconv.pytorch import functional as Fsp
-from spconv.pytorch import kernel_maps, ops
+from spconv.pytorch import indice_keys, ops
 from spconv.pytorch.core import SparseConvTensor, expand_nd, per_dim_doc
 from spconv.pytorch.modules import SparseModule
 
@@ -63,32 +63,29 @@ class _SparsePool(SparseModule):
                              f"{input.spatial_shape}")
         desc = self._describe()
         if self.subm:
-            data = kernel_maps.subm_map(input, self.indice_key, self.kernel_size, self.dilation, self.algo, desc)
+            data = indice_keys.subm_map(input, self.indice_key, self.kernel_size, self.dilation, self.algo, desc)
         else:
-            data = kernel_maps.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
+            data = indice_keys.conv_map(input, self.indice_key, self.kernel_size, self.stride, self.padding,
                                         self.dilation, self.algo, desc)
         out_features = self._pool(input.features, data)
         if self.record_voxel_count:
             self.max_num_voxels_during_training.fill_(max(int(self.max_num_voxels_during_training.item()),
                                                           data.out_indices.shape[0]))
         return input._derive(out_features, data.out_indices, data.out_spatial_shape,
-                             kernel_maps.with_key(input.indice_dict, self.indice_key, data))
+                             indice_keys.with_key(input.indice_dict, self.indice_key, data))
 
     def _pool(self, features: torch.Tensor, data) -> torch.Tensor:
         """Pool through ``data``'s map. Rows repeating a site count as one input holding their max (max pool)
         or as several inputs (average pool: the mean over rows)."""
         dups = data.dups
-        bwd = lambda: data.input_major_pairs  # noqa: E731
         if self.KIND == "max":
             if dups is not None:
                 features = dups.max(features)
-            out = Fsp.indice_maxpool(features, data.indice_pairs, bwd, True)
+            out = Fsp.indice_maxpool(features, data, True)
         elif dups is None:
-            out = Fsp.indice_avgpool(features, data.indice_pairs, bwd)
+            out = Fsp.indice_avgpool(features, data)
         else:  # sum of rows / number of rows in each window
-            sums = Fsp.indice_avgpool(dups.sum(features), data.indice_pairs, bwd)
-            rows = Fsp.indice_avgpool(dups.count(features.dtype), data.indice_pairs, bwd)
-            out = sums / rows
+            out = Fsp.indice_avgpool(dups.sum(features), data) / Fsp.indice_avgpool(dups.count(features.dtype), data)
         if dups is not None and self.subm:  # output sites are the input rows
             out = dups.expand(out)
         return out

@@ -1,8 +1,6 @@
 """Site-level helpers."""
-import torch
-
 from spconv.pytorch.core import SparseConvTensor
-from spconv.pytorch.functional import _linear_keys
+from spconv.pytorch.indice_keys import DuplicateSites
 from spconv.pytorch.modules import SparseModule
 
 
@@ -14,10 +12,6 @@ class RemoveDuplicate(SparseModule):
     """
 
     def forward(self, x: SparseConvTensor) -> SparseConvTensor:
-        keys = _linear_keys(x.indices, [x.batch_size, *x.spatial_shape])
-        uniq, inverse = torch.unique(keys, return_inverse=True)
-        n = keys.shape[0]
-        first = torch.full((uniq.shape[0],), n, dtype=torch.long).scatter_reduce(
-            0, inverse, torch.arange(n), "amin")
-        first = first.sort().values  # keep the original row order
+        x.validated()
+        first = DuplicateSites(x.indices, x.spatial_shape).first.sort().values  # keep the original row order
         return x._derive(x.features[first], x.indices[first].contiguous(), x.spatial_shape, {})

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from spconv.pytorch import functional as Fsp
-from spconv.scn import maps
+from spconv.pytorch import ops
+from spconv.pytorch.core import KernelMap
 from spconv.scn.tensor import Metadata, SparseConvNetTensor, check_tensor, derive, size_key, to_long_tensor
 
 
@@ -110,9 +111,9 @@ class _ConvBase(nn.Module):
         v, g, i, o = self.weight.shape
         return self.weight.permute(1, 3, 0, 2).reshape(g * o, v, i).contiguous()
 
-    def _conv(self, features, fwd_table, bwd_table, pairs=None):
-        out = Fsp.sparse_conv(features.contiguous(), self.spconv_weight(), fwd_table, bwd_table, self.groups)
-        _count(pairs if pairs is not None else int((fwd_table >= 0).sum()), self.nIn // self.groups * self.nOut, out)
+    def _conv(self, features, kmap):
+        out = Fsp.sparse_conv(features.contiguous(), self.spconv_weight(), kmap, self.groups)
+        _count(kmap.pairs, self.nIn // self.groups * self.nOut, out)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
@@ -153,7 +154,7 @@ class SubmanifoldConvolution(_ConvBase):
     def forward(self, input: SparseConvNetTensor) -> SparseConvNetTensor:
         self._check(input)
         book = input.metadata.submanifold_rulebook(input.spatial_size, self.filter_size)
-        return derive(input, self._conv(input.features, book.table, book.inverse_fn(), book.pairs))
+        return derive(input, self._conv(input.features, book))
 
     def input_spatial_size(self, out_size):
         return out_size
@@ -172,7 +173,7 @@ class Convolution(_ConvBase):
         out_size = valid_output_size(input.spatial_size, self.filter_size, self.filter_stride, self._describe())
         book = input.metadata.rulebook(input.spatial_size, out_size, self.filter_size, self.filter_stride,
                                        self._describe())
-        return derive(input, self._conv(input.features, book.table, book.inverse_fn(), book.pairs), out_size)
+        return derive(input, self._conv(input.features, book), out_size)
 
     def input_spatial_size(self, out_size):
         return valid_input_size(out_size, self.filter_size, self.filter_stride)
@@ -193,7 +194,7 @@ class Deconvolution(_ConvBase):
                              "a Deconvolution undoes an earlier Convolution/pooling from that size (use "
                              "FullConvolution to create new sites)")
         book = m.rulebook(out_size, input.spatial_size, self.filter_size, self.filter_stride, self._describe())
-        return derive(input, self._conv(input.features, book.inverse, book.table, book.pairs), out_size)
+        return derive(input, self._conv(input.features, book.reversed()), out_size)
 
     def input_spatial_size(self, out_size):
         return full_input_size(out_size, self.filter_size, self.filter_stride, self._describe())
@@ -209,14 +210,14 @@ class FullConvolution(_ConvBase):
         out_size = full_output_size(input.spatial_size, self.filter_size, self.filter_stride)
         m = input.metadata
         sites = m.get_sites(input.spatial_size, self._describe())
-        out_sites, table = maps.conv_table(sites, list(size_key(input.spatial_size)), out_size.tolist(),
-                                           self.filter_size.tolist(), self.filter_stride.tolist(),
-                                           max(m.batch_size, 1), transposed=True)
+        nd = self.dimension
+        out_sites, table = ops.build_conv_map(sites, list(size_key(input.spatial_size)), out_size.tolist(),
+                                              self.filter_size.tolist(), self.filter_stride.tolist(), [0] * nd,
+                                              [1] * nd, True, max(m.batch_size, 1))
         new = Metadata(self.dimension)
         new.set_sites(out_size, out_sites, m.batch_size)
         new.input_spatial_size = size_key(out_size)
-        n_in = sites.shape[0]
-        out = self._conv(input.features, table, lambda: maps.invert_table(table, n_in))
+        out = self._conv(input.features, KernelMap(table, sites.shape[0]))
         return SparseConvNetTensor(out, new, out_size)
 
     def input_spatial_size(self, out_size):

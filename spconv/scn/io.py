@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from spconv.scn import maps
+from spconv.pytorch.ops import linear_keys
 from spconv.scn.tensor import (Metadata, SparseConvNetTensor, check_tensor, size_key, sparse_to_dense,  # noqa: F401
                                to_long_tensor)
 
@@ -130,7 +130,7 @@ class InputLayer(nn.Module):
         _check_volume(nb, self.spatial_size, who)
         metadata = Metadata(d)
         size = self.spatial_size.clone()
-        keys = maps.linear_keys(spatial, batch, size.tolist())
+        keys = linear_keys(torch.cat([batch.view(-1, 1).long(), spatial.long()], 1), size.tolist())
         if self.mode == 0:
             if torch.unique(keys).numel() != keys.numel():
                 raise ValueError(f"{who}: coords contain duplicate sites but mode 0 promises unique coordinates; use "
@@ -242,7 +242,7 @@ class BLInputLayer(nn.Module):
         spatial, pb = flat[present], batch[present]
         _check_coords(spatial, self.spatial_size, who)
         size = self.spatial_size.clone()
-        keys = maps.linear_keys(spatial, pb, size.tolist())
+        keys = linear_keys(torch.cat([pb.view(-1, 1).long(), spatial.long()], 1), size.tolist())
         metadata = Metadata(d)
         if self.mode == 0:
             if torch.unique(keys).numel() != keys.numel():
@@ -413,7 +413,8 @@ class InputBatch(SparseConvNetTensor):
             raise ValueError(f"InputBatch: need one feature vector per location, got {tuple(vectors.shape)} for "
                              f"{coords.shape[0]} locations")
         self._reserve(coords.shape[0], vectors.shape[1], vectors.dtype)
-        keys = maps.linear_keys(coords, batch, self.spatial_size.tolist()).tolist()
+        keys = linear_keys(torch.cat([batch.view(-1, 1).long(), coords.long()], 1),
+                           self.spatial_size.tolist()).tolist()
         vecs = vectors.detach()
         new_rows, new_src, upd_rows, upd_src = [], [], [], []
         n = self._n

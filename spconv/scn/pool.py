@@ -64,7 +64,7 @@ class MaxPooling(_Pool):
         out_size = valid_output_size(input.spatial_size, self.pool_size, self.pool_stride, self._describe())
         book = input.metadata.rulebook(input.spatial_size, out_size, self.pool_size, self.pool_stride,
                                        self._describe())
-        out = Fsp.indice_maxpool(f, book.table, book.inverse_fn())
+        out = Fsp.indice_maxpool(f, book)
         return derive(input, out.clamp_min(0), out_size)
 
     def input_spatial_size(self, out_size):
@@ -80,7 +80,7 @@ class AveragePooling(_Pool):
         out_size = valid_output_size(input.spatial_size, self.pool_size, self.pool_stride, self._describe())
         book = input.metadata.rulebook(input.spatial_size, out_size, self.pool_size, self.pool_stride,
                                        self._describe())
-        mean = Fsp.indice_avgpool(f, book.table, book.inverse_fn())  # mean over the active sites
+        mean = Fsp.indice_avgpool(f, book)  # mean over the active sites
         scale = (book.counts.to(mean.dtype) / self.volume).to(mean.device).unsqueeze(1)
         return derive(input, mean * scale, out_size)
 
@@ -102,9 +102,10 @@ class UnPooling(_Pool):
             raise ValueError(f"{self._describe()}: the metadata has no sites at the output size {out_size.tolist()}; "
                              "UnPooling undoes an earlier pooling/Convolution from that size")
         book = m.rulebook(out_size, input.spatial_size, self.pool_size, self.pool_stride, self._describe())
-        inv = book.inverse  # [N_fine, K]: the coarse site each fine site meets through each tap
-        mean = Fsp.indice_avgpool(f, inv, book.table)
-        counts = (inv >= 0).sum(1).to(mean.dtype).to(mean.device).unsqueeze(1)
+        # reversed: each fine site averages the coarse sites it meets through the taps
+        back = book.reversed()
+        mean = Fsp.indice_avgpool(f, back)
+        counts = back.counts.to(mean.dtype).to(mean.device).unsqueeze(1)
         return derive(input, mean * counts, out_size)
 
     def input_spatial_size(self, out_size):

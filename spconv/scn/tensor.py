@@ -10,8 +10,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from spconv.pytorch.core import SparseConvTensor
-from spconv.scn import maps
+from spconv.pytorch.core import KernelMap, SparseConvTensor
+from spconv.pytorch import ops
 
 
 def to_long_tensor(dimension: int, x, name: str = "size") -> torch.Tensor:
@@ -36,42 +36,6 @@ def size_key(size) -> Tuple[int, ...]:
     return tuple(int(v) for v in (size.tolist() if isinstance(size, torch.Tensor) else size))
 
 
-class RuleBook:
-    """One cached kernel map: output-major ``table [N_out, K]`` and, built lazily, the input-major
-    inverse ``[N_in, K]`` (used by backward passes and by Deconvolution/UnPooling)."""
-
-    def __init__(self, table: torch.Tensor, num_inputs: int, mirrored: bool = False):
-        self.table = table
-        self.num_inputs = int(num_inputs)
-        self.mirrored = mirrored  # an odd submanifold map is its own inverse with the taps mirrored
-        self._inverse = None
-        self._counts = None
-
-    @property
-    def inverse(self) -> torch.Tensor:
-        if self._inverse is None:
-            if self.mirrored:
-                self._inverse = self.table.flip(1).contiguous()
-            else:
-                self._inverse = maps.invert_table(self.table, self.num_inputs)
-        return self._inverse
-
-    def inverse_fn(self):
-        return lambda: self.inverse
-
-    @property
-    def pairs(self) -> int:
-        """Number of (input, output) pairs, i.e. active taps in the table."""
-        return int(self.counts.sum())
-
-    @property
-    def counts(self) -> torch.Tensor:
-        """Active taps per output row, ``[N_out]``."""
-        if self._counts is None:
-            self._counts = (self.table >= 0).sum(1)
-        return self._counts
-
-
 class Metadata:
     """Sites per spatial size and the rulebooks between them (SparseConvNet's ``Metadata_<d>``).
 
@@ -85,8 +49,8 @@ class Metadata:
         self.dimension = int(dimension)
         self.batch_size = 0
         self.sites: Dict[Tuple[int, ...], torch.Tensor] = {}
-        self.submanifold_rulebooks: Dict[tuple, RuleBook] = {}
-        self.rulebooks: Dict[tuple, RuleBook] = {}
+        self.submanifold_rulebooks: Dict[tuple, KernelMap] = {}
+        self.rulebooks: Dict[tuple, KernelMap] = {}
         self.input_spatial_size: Optional[Tuple[int, ...]] = None
         self.input_layer_rule: Optional[dict] = None
         self.bl_layer_rule: Optional[dict] = None
@@ -128,17 +92,18 @@ class Metadata:
         self.__init__(self.dimension)
 
     # ------------------------------------------------------------ rulebooks
-    def submanifold_rulebook(self, size, filter_size) -> RuleBook:
+    def submanifold_rulebook(self, size, filter_size) -> KernelMap:
         key = (size_key(size), size_key(filter_size))
         book = self.submanifold_rulebooks.get(key)
         if book is None:
             sites = self.get_sites(size, "SubmanifoldConvolution")
-            table = maps.subm_table(sites, list(key[0]), list(key[1]), max(self.batch_size, 1))
-            book = RuleBook(table, sites.shape[0], mirrored=all(k % 2 == 1 for k in key[1]))
+            nd = len(key[0])
+            table = ops.build_subm_map(sites, list(key[0]), list(key[1]), [1] * nd, max(self.batch_size, 1))
+            book = KernelMap(table, sites.shape[0], mirrored=all(k % 2 == 1 for k in key[1]))
             self.submanifold_rulebooks[key] = book
         return book
 
-    def rulebook(self, in_size, out_size, filter_size, stride, who: str = "Convolution") -> RuleBook:
+    def rulebook(self, in_size, out_size, filter_size, stride, who: str = "Convolution") -> KernelMap:
         """Valid strided map from the sites at ``in_size`` to those at ``out_size`` (created if absent).
 
         Shared by Convolution, MaxPooling and AveragePooling (forward) and Deconvolution and
@@ -149,14 +114,15 @@ class Metadata:
         if book is not None:
             return book
         sites = self.get_sites(in_size, who)
-        out_indices, table = maps.conv_table(sites, list(key[0]), list(key[1]), list(key[2]), list(key[3]),
-                                             max(self.batch_size, 1))
+        nd = len(key[0])
+        out_indices, table = ops.build_conv_map(sites, list(key[0]), list(key[1]), list(key[2]), list(key[3]),
+                                                [0] * nd, [1] * nd, False, max(self.batch_size, 1))
         existing = self.sites.get(key[1])
         if existing is None:
             self.sites[key[1]] = out_indices
         elif not (existing.shape == out_indices.shape and torch.equal(existing, out_indices)):
             table = _align_rows(existing, out_indices, table, list(key[1]), who)
-        book = RuleBook(table, sites.shape[0])
+        book = KernelMap(table, sites.shape[0])
         self.rulebooks[key] = book
         return book
 
@@ -169,8 +135,8 @@ class Metadata:
 def _align_rows(existing: torch.Tensor, new_sites: torch.Tensor, table: torch.Tensor, size: List[int],
                 who: str) -> torch.Tensor:
     """Reorder ``table`` (rows = ``new_sites``) onto the rows of the sites already stored for this size."""
-    ek = maps.linear_keys(existing[:, 1:], existing[:, 0], size)
-    nk = maps.linear_keys(new_sites[:, 1:], new_sites[:, 0], size)
+    ek = ops.linear_keys(existing, size)
+    nk = ops.linear_keys(new_sites, size)
     sorted_ek, order = torch.sort(ek)
     pos = torch.searchsorted(sorted_ek, nk).clamp_(max=max(sorted_ek.numel() - 1, 0))
     if sorted_ek.numel() == 0 or not bool((sorted_ek[pos] == nk).all()):
@@ -333,6 +299,6 @@ def sparse_to_dense(input: SparseConvNetTensor, n_planes: Optional[int] = None) 
         volume *= s
     out = f.new_zeros((b * volume, c))
     if sites.shape[0]:
-        key = maps.linear_keys(sites[:, 1:], sites[:, 0], size).to(f.device)
+        key = ops.linear_keys(sites, size).to(f.device)
         out = out.index_put((key,), f)
     return out.view(b, *size, c).movedim(-1, 1).contiguous()

@@ -20,10 +20,7 @@ class DuplicateSites:
     """
 
     def __init__(self, indices: torch.Tensor, spatial_shape: List[int]):
-        keys = indices[:, 0].long()
-        for d, size in enumerate(spatial_shape):
-            keys = keys * int(size) + indices[:, d + 1].long()
-        uniq, self.inverse = torch.unique(keys, return_inverse=True)
+        uniq, self.inverse = torch.unique(ops.linear_keys(indices, spatial_shape), return_inverse=True)
         rows = torch.arange(indices.shape[0], device=indices.device)
         self.first = rows.new_full((uniq.shape[0],), indices.shape[0]).scatter_reduce(0, self.inverse, rows, "amin")
         self.unique_indices = indices[self.first].contiguous()
@@ -99,10 +96,8 @@ def subm_map(input: SparseConvTensor, key: Optional[str], ksize: List[int], dila
     pad = [(k // 2) * d for k, d in zip(ksize, dilation)]
     table, dups = _build(lambda idx: ops.build_subm_map(idx, input.spatial_shape, ksize, dilation, input.batch_size),
                          input, desc)
-    data = IndiceData(input.indices, input.indices, table, None, input.spatial_shape, input.spatial_shape, True,
-                      algo, ksize, [1] * len(ksize), dilation, pad)
-    data.dups = dups
-    return data
+    return IndiceData(input.indices, input.indices, table, None, input.spatial_shape, input.spatial_shape, True,
+                      algo, ksize, [1] * len(ksize), dilation, pad, dups=dups)
 
 
 def conv_map(input: SparseConvTensor, key: Optional[str], ksize: List[int], stride: List[int], padding: List[int],
@@ -120,10 +115,8 @@ def conv_map(input: SparseConvTensor, key: Optional[str], ksize: List[int], stri
     (out_indices, table), dups = _build(
         lambda idx: ops.build_conv_map(idx, input.spatial_shape, out_shape, ksize, stride, padding, dilation,
                                        transposed, input.batch_size), input, desc)
-    data = IndiceData(out_indices, input.indices, table, None, input.spatial_shape, out_shape, False, algo, ksize,
-                      stride, dilation, padding)
-    data.dups = dups
-    return data
+    return IndiceData(out_indices, input.indices, table, None, input.spatial_shape, out_shape, False, algo, ksize,
+                      stride, dilation, padding, dups=dups)
 
 
 def identity_map(input: SparseConvTensor, key: Optional[str], ndim: int, algo) -> Dict:
@@ -137,7 +130,6 @@ def identity_map(input: SparseConvTensor, key: Optional[str], ndim: int, algo) -
     data = IndiceData(input.indices, input.indices, table, None, input.spatial_shape, input.spatial_shape, False,
                       algo, ones, ones, ones, zeros)
     data._input_major = table
-    data.dups = None
     return with_key(input.indice_dict, key, data)
 
 
