@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from spconv.triton import conv as tconv  # noqa: E402
-from spconv.triton import kernel_map as km  # noqa: E402
+from spconv.triton import map_kernels as km  # noqa: E402
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
 

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from spconv.sbnet import functional as sbf
-from spconv.sbnet import ops
-from spconv.sbnet.ops import IntPair
+from spconv.sbnet import block_geometry as geometry
+from spconv.sbnet.block_geometry import IntPair
 
 
 class BlockParams(NamedTuple):
@@ -31,11 +31,11 @@ KSize = Union[int, Sequence[int], Sequence[Union[int, Sequence[int]]]]
 def _receptive_field(ksize: KSize) -> Tuple[int, int]:
     """int, (kh, kw), or a list of those for a stack of stride-1 convs -> total (kh, kw)."""
     if isinstance(ksize, (list, tuple)) and any(isinstance(k, (list, tuple)) for k in ksize):
-        pairs = [ops.to_pair(k, "ksize") for k in ksize]
+        pairs = [geometry.to_pair(k, "ksize") for k in ksize]
     elif isinstance(ksize, (list, tuple)) and len(ksize) != 2:
-        pairs = [ops.to_pair(k, "ksize") for k in ksize]
+        pairs = [geometry.to_pair(k, "ksize") for k in ksize]
     else:
-        pairs = [ops.to_pair(ksize, "ksize")]
+        pairs = [geometry.to_pair(ksize, "ksize")]
     return (1 + sum(p[0] - 1 for p in pairs), 1 + sum(p[1] - 1 for p in pairs))
 
 
@@ -66,9 +66,9 @@ def calc_block_params(in_size: Sequence[int], bsize: IntPair, ksize: KSize, stri
                          f"an NCHW tensor or x.shape[1:3] for NHWC")
     if padding not in ("SAME", "VALID"):
         raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
-    bsize = ops.to_pair(bsize, "bsize")
+    bsize = geometry.to_pair(bsize, "bsize")
     k = _receptive_field(ksize)
-    s = ops.to_pair(strides, "strides")
+    s = geometry.to_pair(strides, "strides")
     bsize_out, bstride, boffset, bcount = [], [], [], []
     for d in range(2):
         H, b, kk, ss = in_size[d], bsize[d], k[d], s[d]
@@ -126,7 +126,7 @@ class SparseBlockResNet(nn.Module):
         if not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be an odd positive int, got {kernel_size!r}")
         self.channels, self.mid_channels, self.kernel_size = channels, mid_channels, kernel_size
-        self.block_size = ops.to_pair(block_size, "block_size")
+        self.block_size = geometry.to_pair(block_size, "block_size")
         if min(self.block_size) < kernel_size:
             raise ValueError(f"block_size {self.block_size} must be >= kernel_size {kernel_size}")
         self.inplace = inplace
@@ -176,7 +176,7 @@ class SparseBlockResNet(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, C, H, W], indices int [M, 3] from :meth:`reduce_mask` on a mask of x's size ->
         [N, C, H, W] (``x`` itself when ``inplace``)."""
-        ops.check_dense(x, "x", "NCHW")
+        geometry.check_dense(x, "x", "NCHW")
         if x.shape[1] != self.channels:
             raise ValueError(f"x has {x.shape[1]} channels, the block expects {self.channels}")
         p = self.block_params(x.shape[-2:])
@@ -185,7 +185,7 @@ class SparseBlockResNet(nn.Module):
         blocks = sbf.sparse_gather(x, indices, p.bsize, p.boffset, p.bstride)
         valid = None
         if self.kernel_size > 1:
-            plan = sbf.block_plan(indices, ops.make_geometry(p.bsize, p.boffset, p.bstride), x.shape[0],
+            plan = sbf.block_plan(indices, geometry.make_geometry(p.bsize, p.boffset, p.bstride), x.shape[0],
                                   x.shape[2], x.shape[3])  # cached by sparse_gather
             valid = _valid_mask(plan, blocks)
         out = self.residual(blocks, valid)
@@ -193,6 +193,6 @@ class SparseBlockResNet(nn.Module):
         return scatter(out, indices, x, p.bsize_out, 0, p.bsize_out, add=True)
 
 
-def _valid_mask(plan: ops.BlockPlan, like: torch.Tensor) -> Optional[torch.Tensor]:
+def _valid_mask(plan: geometry.BlockPlan, like: torch.Tensor) -> Optional[torch.Tensor]:
     """[M, 1, bh, bw] 0/1 mask of in-image block pixels, or None when no block crosses the border."""
     return plan.valid().unsqueeze(1).to(like.dtype) if plan.has_border else None

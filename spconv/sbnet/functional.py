@@ -1,5 +1,5 @@
 """Public block-sparse ops (reduce_mask, sparse_gather, sparse_scatter, sparse_scatter_) and their
-autograd Functions, on top of ``spconv.sbnet.ops``.
+autograd Functions, on top of ``spconv.sbnet.block_geometry``.
 
 Layouts: ``layout="NCHW"`` means the dense tensor is ``[N, C, H, W]`` and blocks are ``[M, C, bh, bw]``;
 ``layout="NHWC"`` means ``[N, H, W, C]`` and ``[M, bh, bw, C]``. ``transpose=True`` gives (gather) or
@@ -16,8 +16,8 @@ import torch
 from torch.autograd import Function
 from torch.autograd.function import once_differentiable
 
-from spconv.sbnet import ops
-from spconv.sbnet.ops import BlockPlan, IntPair
+from spconv.sbnet import block_geometry as geometry
+from spconv.sbnet.block_geometry import BlockPlan, IntPair
 
 
 class ReduceMaskResult(NamedTuple):
@@ -50,7 +50,7 @@ _CACHE: "OrderedDict[int, tuple]" = OrderedDict()  # id(indices) -> (weakref, ve
 _CACHE_SIZE = 16
 
 
-def block_plan(indices: torch.Tensor, geom: ops.BlockGeometry, N: int, H: int, W: int) -> BlockPlan:
+def block_plan(indices: torch.Tensor, geom: geometry.BlockGeometry, N: int, H: int, W: int) -> BlockPlan:
     """Checks ``indices`` against the geometry and image size and returns their BlockPlan.
 
     The layers of a network usually share one indices tensor: its checks and plans are cached as long
@@ -59,7 +59,7 @@ def block_plan(indices: torch.Tensor, geom: ops.BlockGeometry, N: int, H: int, W
     key = id(indices)
     hit = _CACHE.get(key)
     if hit is None or hit[0]() is not indices or hit[1] != indices._version:
-        info = ops.index_info(indices)
+        info = geometry.index_info(indices)
         hit = (weakref.ref(indices), indices._version, info, {})
         _CACHE[key] = hit
         while len(_CACHE) > _CACHE_SIZE:
@@ -68,7 +68,7 @@ def block_plan(indices: torch.Tensor, geom: ops.BlockGeometry, N: int, H: int, W
     info, plans = hit[2], hit[3]
     plan = plans.get((geom, N, H, W))
     if plan is None:
-        ops.check_index_range(info, N, geom, H, W)
+        geometry.check_index_range(info, N, geom, H, W)
         plan = plans[(geom, N, H, W)] = BlockPlan(info, geom, N, H, W)
     return plan
 
@@ -115,13 +115,13 @@ def reduce_mask(mask: torch.Tensor, bcount: Optional[IntPair], bsize: IntPair, b
     N, H, W = mask.shape
     if bstride is None:
         bstride = bsize
-    geom = ops.make_geometry(bsize, boffset, bstride)
+    geom = geometry.make_geometry(bsize, boffset, bstride)
     if H == 0 or W == 0:
         raise ValueError(f"mask must have a non-empty spatial size, got {tuple(mask.shape)}")
-    ops.check_block_fits(geom, H, W, "mask")
+    geometry.check_block_fits(geom, H, W, "mask")
     if bcount is None:
-        bcount = ops.default_bcount(geom, H, W)
-    bcount = ops.to_pair(bcount, "bcount")
+        bcount = geometry.default_bcount(geom, H, W)
+    bcount = geometry.to_pair(bcount, "bcount")
     for d, (cnt, extent) in enumerate(zip(bcount, (H, W))):
         off, s, size = geom.boffset[d], geom.bstride[d], geom.bsize[d]
         if off + (cnt - 1) * s >= extent or off + size <= 0:
@@ -129,7 +129,7 @@ def reduce_mask(mask: torch.Tensor, bcount: Optional[IntPair], bsize: IntPair, b
                              f"{geom.bstride} puts blocks entirely outside the {H}x{W} mask along "
                              f"{'HW'[d]}; use bcount=None or calc_block_params to get a consistent grid")
     tol = float(tol)
-    idx = ops.reduce_mask(mask, bcount, geom, tol, bool(avgpool))
+    idx = geometry.reduce_mask(mask, bcount, geom, tol, bool(avgpool))
     return ReduceMaskResult(idx.to(torch.int32), int(idx.shape[0]))
 
 
@@ -146,13 +146,13 @@ class SparseGatherFunction(Function):
     def forward(ctx, xv, plan: BlockPlan):
         ctx.plan = plan
         ctx.x_shape = xv.shape
-        return ops.gather_nhwc(xv, plan)
+        return geometry.gather_nhwc(xv, plan)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_blocks):
         grad_x = grad_blocks.new_zeros(ctx.x_shape)
-        ops.scatter_nhwc_(grad_x, grad_blocks, ctx.plan, add=True)
+        geometry.scatter_nhwc_(grad_x, grad_blocks, ctx.plan, add=True)
         return grad_x, None
 
 
@@ -169,13 +169,13 @@ class SparseScatterFunction(Function):
     def forward(ctx, yv, blocks, plan: BlockPlan, add: bool, inplace: bool):
         winners = None
         if not add and plan.overlapping and plan.M:
-            winners = ops.winner_map(plan)
+            winners = geometry.winner_map(plan)
         if inplace:
             y = yv
             ctx.mark_dirty(yv)
         else:
             y = yv.clone()
-        ops.scatter_nhwc_(y, blocks, plan, add, winners)
+        geometry.scatter_nhwc_(y, blocks, plan, add, winners)
         ctx.plan, ctx.add, ctx.winners = plan, add, winners
         return y
 
@@ -185,15 +185,15 @@ class SparseScatterFunction(Function):
         plan = ctx.plan
         grad_blocks = grad_ybase = None
         if ctx.needs_input_grad[1]:
-            grad_blocks = ops.gather_nhwc(grad_y, plan)
+            grad_blocks = geometry.gather_nhwc(grad_y, plan)
             if ctx.winners is not None:
-                grad_blocks = grad_blocks * ops.winner_mask(plan, ctx.winners)
+                grad_blocks = grad_blocks * geometry.winner_mask(plan, ctx.winners)
         if ctx.needs_input_grad[0]:
             if ctx.add:
                 grad_ybase = grad_y
             else:
                 grad_ybase = grad_y.clone()
-                ops.scatter_nhwc_(grad_ybase, None, plan, add=False, winners=ctx.winners)
+                geometry.scatter_nhwc_(grad_ybase, None, plan, add=False, winners=ctx.winners)
         return grad_ybase, grad_blocks, None, None, None
 
 
@@ -214,31 +214,31 @@ def sparse_gather(x: torch.Tensor, indices: torch.Tensor, bsize: IntPair, boffse
         [M, C, bh, bw] or [M, bh, bw, C] (see ``layout``/``transpose``). The result is an NHWC-ordered
         buffer: as [M, C, bh, bw] it is channels-last, the fast memory format for CPU convs.
     """
-    layout = ops.check_layout(layout)
-    ops.check_dense(x, "x", layout)
+    layout = geometry.check_layout(layout)
+    geometry.check_dense(x, "x", layout)
     if bstride is None:
         bstride = bsize
-    geom = ops.make_geometry(bsize, boffset, bstride)
+    geom = geometry.make_geometry(bsize, boffset, bstride)
     nchw = layout == "NCHW"
     H, W = _hw(x, layout)
-    ops.check_block_fits(geom, H, W, "input")
+    geometry.check_block_fits(geom, H, W, "input")
     plan = _plan_on(x, "x", indices, geom, x.shape[0], H, W)
     blocks = SparseGatherFunction.apply(_nhwc(x, nchw), plan)
     return _from_nhwc(blocks, nchw != bool(transpose))
 
 
 def _scatter(blocks, indices, ybase, bsize, boffset, bstride, add, transpose, layout, inplace):
-    layout = ops.check_layout(layout)
-    ops.check_dense(ybase, "ybase", layout)
+    layout = geometry.check_layout(layout)
+    geometry.check_dense(ybase, "ybase", layout)
     if not isinstance(blocks, torch.Tensor):
         raise ValueError(f"blocks must be a torch.Tensor, got {type(blocks).__name__}")
     if bstride is None:
         bstride = bsize
-    geom = ops.make_geometry(bsize, boffset, bstride)
+    geom = geometry.make_geometry(bsize, boffset, bstride)
     nchw = layout == "NCHW"
     H, W = _hw(ybase, layout)
     C = _channels(ybase, layout)
-    ops.check_block_fits(geom, H, W, "output ybase")
+    geometry.check_block_fits(geom, H, W, "output ybase")
     plan = _plan_on(ybase, "ybase", indices, geom, ybase.shape[0], H, W)
     idx = plan.idx
     blocks_nchw = nchw != bool(transpose)

@@ -11,9 +11,9 @@ functions, so :func:`spconv.triton.dispatch.use_triton` is cheap and works witho
 import importlib
 
 _FUNCTIONS = {
-    "build_subm_map": "kernel_map",
-    "build_conv_map": "kernel_map",
-    "invert_map": "kernel_map",
+    "build_subm_map": "map_kernels",
+    "build_conv_map": "map_kernels",
+    "invert_map": "map_kernels",
     "gather_conv": "conv",
     "gather_conv_weight_grad": "conv",
 }
