@@ -12,7 +12,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
-pytestmark = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data is absent (real scans not available)")
+needs_data = pytest.mark.skipif(not os.path.isdir(DATA), reason="../shared/data is absent (real scans not available)")
 
 
 def _numpy_subm_pairs(coords):
@@ -28,6 +28,7 @@ def _numpy_subm_pairs(coords):
     return pairs
 
 
+@needs_data
 def test_worker_reports_the_useful_flops_of_a_subm_layer():
     from spconv.benchmark import cpu
     cmd = [sys.executable, cpu.__file__, "--worker", "--scan", "kitti", "--model", "subm_16", "--mode", "eval",
@@ -42,3 +43,12 @@ def test_worker_reports_the_useful_flops_of_a_subm_layer():
     assert res["voxels"] == len(coords) == res["out_sites"]
     assert res["flops"] == 2 * _numpy_subm_pairs(coords.numpy()) * 16 * 16
     assert res["median_s"] > 0 and res["map_s"] > 0 and res["held_mb"] > res["map_mb"] > 0
+
+
+def test_missing_data_folder_is_named(tmp_path):
+    """The packaged command takes its scans from --data or SPCONV_DATA and says so when they are missing."""
+    env = dict(os.environ, SPCONV_DATA=str(tmp_path / "nowhere"))
+    r = subprocess.run([sys.executable, "-m", "spconv.benchmark", "--models", "second"], cwd=str(tmp_path),
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert "SPCONV_DATA" in r.stderr and "--data" in r.stderr

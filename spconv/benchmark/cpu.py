@@ -27,7 +27,9 @@ import time
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "data"))
+# The real scans: --data DIR, else $SPCONV_DATA. A source checkout with ../shared beside it finds them there.
+_CHECKOUT_DATA = os.path.normpath(os.path.join(HERE, "..", "..", "..", "shared", "data"))
+DEFAULT_DATA = os.environ.get("SPCONV_DATA") or (_CHECKOUT_DATA if os.path.isdir(_CHECKOUT_DATA) else None)
 SCANS = {  # vsize, range, sparse shape (z, y, x), max voxels
     "kitti": ([0.05, 0.05, 0.1], [0, -40, -3, 70.4, 40, 1], [41, 1600, 1408]),
     "nuscenes10": ([0.075, 0.075, 0.2], [-54, -54, -5, 54, 54, 3], [41, 1440, 1440]),
@@ -313,7 +315,9 @@ def main(argv=None):
     ap.add_argument("--scans", nargs="+", default=["kitti", "nuscenes10", "waymo"], choices=list(SCANS))
     ap.add_argument("--models", nargs="+", default=["second", "res", "layers"])
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--data", default=DEFAULT_DATA,
+                    help="folder with the scans kitti_000008.bin, nuscenes_lidar_top.bin, waymo_like_198k.npz "
+                         "(default: $SPCONV_DATA)")
     ap.add_argument("--compare", help="python of another spconv install, e.g. /tmp/spconv-ref/bin/python")
     ap.add_argument("--compare-threads", type=int, default=None,
                     help="OMP_NUM_THREADS for the compared install (spconv 2.3.8's CPU build is only correct with 1)")
@@ -326,8 +330,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args)
-    if not os.path.isdir(args.data):
-        sys.exit(f"data folder {args.data} not found: pass --data DIR (the folder with the real scans)")
+    if not args.data or not os.path.isdir(args.data):
+        sys.exit(f"no scan folder ({args.data or 'neither --data nor SPCONV_DATA given'}): pass --data DIR or set "
+                 "SPCONV_DATA to the folder holding kitti_000008.bin, nuscenes_lidar_top.bin and waymo_like_198k.npz")
 
     import torch
     peak32 = matmul_peak("float32")
