@@ -226,9 +226,14 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
     in_stride[d] = in_volume;
     in_volume *= g.in_shape[d];
   }
+  // Key arithmetic wraps (uint64): terms of dimensions whose tap falls off the grid may pass int64, but those
+  // taps are skipped, and every key that is used is a true key (< 2^62), which modular sums give exactly.
   std::vector<int64_t> tap_delta(kv, 0);  // key offset of tap r relative to the window origin
-  for (int64_t r = 0; r < kv; ++r)
-    for (int d = 0; d < ndim; ++d) tap_delta[r] += g.offsets[r][d] * g.dilation[d] * in_stride[d];
+  for (int64_t r = 0; r < kv; ++r) {
+    uint64_t delta = 0;
+    for (int d = 0; d < ndim; ++d) delta += uint64_t(g.offsets[r][d] * g.dilation[d]) * uint64_t(in_stride[d]);
+    tap_delta[r] = static_cast<int64_t>(delta);
+  }
   const int64_t* keys = in.keys.data();
   const int32_t* rows = in.rows.data();
   const int64_t n_chunks = (m + kChunk - 1) / kChunk;
@@ -241,12 +246,12 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
       for (int64_t t = 0; t < cm; ++t) {
         int64_t b;
         decode_key(out_keys[o0 + t], g.out_shape, ndim, &b, &outc[t]);
-        int64_t key = b * in_volume;
+        uint64_t key = uint64_t(b) * uint64_t(in_volume);
         for (int d = 0; d < ndim; ++d) {
           origin[t][d] = outc[t][d] * g.stride[d] - g.padding[d];
-          key += origin[t][d] * in_stride[d];
+          key += uint64_t(origin[t][d]) * uint64_t(in_stride[d]);
         }
-        base[t] = key;
+        base[t] = static_cast<int64_t>(key);
       }
       if (transposed) {
         for (int64_t r = 0; r < kv; ++r) {
@@ -283,7 +288,7 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
             for (int64_t rl = 0; rl < k_last; ++rl) cells[rl] = -1;
             continue;
           }
-          const int64_t first = base[t] + tap_delta[row0];
+          const int64_t first = static_cast<int64_t>(uint64_t(base[t]) + uint64_t(tap_delta[row0]));
           p = seek(keys, n, p, first);
           int64_t q = p;
           for (int64_t rl = 0; rl < k_last; ++rl) {
@@ -349,6 +354,23 @@ inline int64_t input_coord(const ConvGeometry& g, bool transposed, int d, int64_
   return (v >= 0 && v < g.in_shape[d]) ? v : -1;
 }
 
+// Length of merge_rows' per-thread dense line (see there): the input row plus margins for the taps that fall
+// off it, which grow with padding, stride and dilation.
+int64_t dense_line_size(const ConvGeometry& g, bool transposed) {
+  const int last = g.ndim - 1;
+  if (transposed) return g.in_shape[last];
+  return std::max(g.in_shape[last], (g.out_shape[last] - 1) * g.stride[last] + (g.ksize[last] - 1) * g.dilation[last] +
+                                        1) +
+         g.padding[last];
+}
+
+// merge_rows only when its dense line stays small next to the work (the number of sites): a large padding or
+// dilation (2^26 on a 2-site input) would otherwise make every thread allocate and fill gigabytes; merge_taps
+// needs memory in proportion to the sites alone.
+bool fits_dense_line(const ConvGeometry& g, bool transposed, int64_t sites) {
+  return dense_line_size(g, transposed) <= std::max<int64_t>(int64_t(1) << 20, 4 * sites);
+}
+
 // Fills nbr through the row index. Outputs are visited in the order o = 0..m-1 with row j = order[o] (or
 // o) and coordinates coords[j] ([b, y...] int32), which must group outputs of one grid row (all
 // dimensions but the last) together, as sorted sites do. For each such run of outputs and each tap row
@@ -364,9 +386,7 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
   // line[margin + x] holds input x; non-transposed taps read x = y * s - p + rl * dil in
   // [-p, (out - 1) * s - p + (k - 1) * dil], transposed ones an x in [0, in) or none
   const int64_t margin = kTransposed ? 0 : p_last;
-  const int64_t line_size = kTransposed ? g.in_shape[last]
-                                        : std::max(g.in_shape[last], (g.out_shape[last] - 1) * s_last +
-                                                                         (k_last - 1) * d_last + 1) + margin;
+  const int64_t line_size = dense_line_size(g, kTransposed);
   const int32_t* rows = in.rows.data();
   const int32_t* start = ri.start.data();
   const int32_t* xs = ri.last.data();
@@ -386,8 +406,11 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
     rs *= g.in_shape[d];
   }
   const int64_t batch_rows = rs;
-  for (int64_t t = 0; t < tap_rows; ++t)
-    for (int d = 0; d < last; ++d) row_delta[t] += g.offsets[t * k_last][d] * g.dilation[d] * row_stride[d];
+  for (int64_t t = 0; t < tap_rows; ++t) {  // wrapping sums, as in merge_taps
+    uint64_t delta = 0;
+    for (int d = 0; d < last; ++d) delta += uint64_t(g.offsets[t * k_last][d] * g.dilation[d]) * uint64_t(row_stride[d]);
+    row_delta[t] = static_cast<int64_t>(delta);
+  }
   at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> line_buf(line_size, -1);
     int32_t* line = line_buf.data() + margin;
@@ -397,10 +420,10 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
       while (run1 < end && same_row(coords + row_of(run1) * (ndim + 1), c0)) ++run1;
       for (int64_t o = run0; o < run1; ++o) std::fill_n(nbr + row_of(o) * kv, kv, -1);
       Coord origin{};  // non-transposed: the input row coordinates of tap row 0, per dimension
-      int64_t base = c0[0] * batch_rows;
+      uint64_t base = uint64_t(c0[0]) * uint64_t(batch_rows);
       for (int d = 0; d < last; ++d) {
         origin[d] = int64_t(c0[1 + d]) * g.stride[d] - g.padding[d];
-        base += origin[d] * row_stride[d];
+        base += uint64_t(origin[d]) * uint64_t(row_stride[d]);
       }
       for (int64_t t = 0; t < tap_rows; ++t) {
         const int64_t row0 = t * k_last;
@@ -418,7 +441,7 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
             const int64_t x = origin[d] + g.offsets[row0][d] * g.dilation[d];
             inside &= (x >= 0) & (x < g.in_shape[d]);
           }
-          r = base + row_delta[t];
+          r = static_cast<int64_t>(base + uint64_t(row_delta[t]));
         }
         if (!inside) continue;
         const int32_t lo = start[r], hi = start[r + 1];
@@ -466,7 +489,7 @@ at::Tensor build_subm_map(const at::Tensor& indices_in, int64_t batch_size, at::
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
   at::Tensor nbr = at::empty({indices.size(0), g.kernel_volume}, indices.options());
   RowIndex ri;
-  if (build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
+  if (fits_dense_line(g, false, indices.size(0)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
     merge_rows(g, false, in, ri, indices.size(0), indices.data_ptr<int32_t>(), in.rows.data(), nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, false, in, in.keys, in.rows.data(), nbr.data_ptr<int32_t>());
@@ -656,7 +679,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
   });
   at::Tensor nbr = at::empty({m, g.kernel_volume}, indices.options());
   RowIndex ri;
-  if (build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
+  if (fits_dense_line(g, transposed, std::max(n, m)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
     merge_rows(g, transposed, in, ri, m, oidx, nullptr, nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());

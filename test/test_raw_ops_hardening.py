@@ -389,3 +389,82 @@ def test_output_grid_too_large_is_a_clear_error(name, layer, shape):
     msg = proc.stdout
     assert "int64" in msg or "int32" in msg, msg
     assert "kernel_size=" in msg and "stride=" in msg and "padding=" in msg, msg
+
+
+# --------------------------------------------------------------------------------------------------
+# large padding / dilation: memory follows the number of sites, results match a brute-force reference
+
+def _brute_sparse_conv(feats, coords, shape, weight, stride, padding, dilation, subm):
+    """Sparse conv (one batch) by brute force over sites: {output coordinate: vector}. weight [O, *k, I]."""
+    ksize = weight.shape[1:-1]
+    nd = len(shape)
+    out = {}
+    if subm:
+        targets = [tuple(c) for c in coords]
+    for (c, fv) in zip(coords, feats):
+        for off in itertools.product(*[range(k) for k in ksize]):
+            y = []
+            for d in range(nd):
+                if subm:
+                    t = c[d] + (ksize[d] // 2) * dilation[d] - off[d] * dilation[d]
+                    v = t
+                else:
+                    t = c[d] + padding[d] - off[d] * dilation[d]
+                    if t % stride[d]:
+                        break
+                    v = t // stride[d]
+                    out_d = (shape[d] + 2 * padding[d] - dilation[d] * (ksize[d] - 1) - 1) // stride[d] + 1
+                    if not 0 <= v < out_d:
+                        break
+                y.append(v)
+            else:
+                y = tuple(y)
+                if subm and y not in targets:
+                    continue
+                out[y] = out.get(y, 0) + weight[(slice(None),) + off + (slice(None),)] @ fv
+    return out
+
+
+_BIG = [("subm", 2 ** 26, 1), ("subm", 2 ** 30, 1), ("subm_pad", 1, 2 ** 26),
+        ("conv", 2 ** 26, 2 ** 26), ("conv", 2 ** 30, 2 ** 30), ("conv_pad", 1, 2 ** 26), ("conv_pad", 1, 2 ** 29)]
+
+
+@pytest.mark.parametrize("kind,dilation,padding", _BIG, ids=[f"{k}-d{d}-p{p}" for k, d, p in _BIG])
+def test_large_padding_and_dilation_use_little_memory(kind, dilation, padding):
+    """A 2-site conv with dilation/padding 2^26..2^30 completes with a small peak RSS (measured in a fresh
+    process) and the brute-force result."""
+    coords = [[1, 2], [5, 7]] if kind != "subm_pad" else [[1, 2], [1, 2 + 3]]
+    shape = [8, 8] if kind != "subm_pad" else [8, 2 ** 26]
+    subm = kind.startswith("subm")
+    if kind == "subm_pad":  # SubM pads itself: (k // 2) * dilation; a big grid instead of a big dilation
+        dilation = 3
+    if kind == "subm" or kind == "subm_pad":
+        layer = f"spconv.SubMConv2d(3, 2, 3, dilation={dilation}, bias=False)"
+        padding = 0
+    else:
+        layer = f"spconv.SparseConv2d(3, 2, 3, stride=1, padding={padding}, dilation={dilation}, bias=False)"
+    code = textwrap.dedent(f"""
+        import json, resource, torch, spconv.pytorch as spconv
+        torch.manual_seed(0)
+        coords = {coords!r}
+        idx = torch.tensor([[0] + c for c in coords], dtype=torch.int32)
+        feats = torch.randn(len(coords), 3, dtype=torch.float64)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        layer = {layer}.double()
+        out = layer(spconv.SparseConvTensor(feats, idx, {shape!r}, 1))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        print(json.dumps(dict(extra_kb=peak - base, feats=feats.tolist(), weight=layer.weight.detach().tolist(),
+                              out_idx=out.indices.tolist(), out=out.features.tolist(),
+                              shape=list(out.spatial_shape))))
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["extra_kb"] < 64 * 1024, f"peak RSS grew by {res['extra_kb'] / 1024:.0f} MB for a 2-site conv"
+    weight = np.array(res["weight"])
+    ref = _brute_sparse_conv(np.array(res["feats"]), coords, shape, weight, [1, 1], [padding] * 2, [dilation] * 2,
+                             subm)
+    got = {tuple(i[1:]): np.array(v) for i, v in zip(res["out_idx"], res["out"])}
+    assert sorted(got) == sorted(ref)
+    for k in ref:
+        np.testing.assert_allclose(got[k], ref[k], rtol=1e-12, atol=1e-12)
