@@ -1,6 +1,8 @@
 // Sparse max and average pooling on the CPU over an output-major neighbour table [N_out, K].
 //   max: out[j, c] = max over active taps of in[table[j, r], c]; argmax keeps the winning input row
-//        (the first tap on ties). Backward goes input-major, so each thread owns its input rows.
+//        (the first tap on ties; NaN propagates, as in torch's max_pool). zero_floor=True gives spconv 2.x's
+//        max(0, max) with argmax -1 where the floor wins. Backward goes input-major, so each thread owns
+//        its input rows.
 //   avg: out[j] = sum over active taps / number of active taps (sites that exist, not the kernel volume).
 // Every op checks its arguments (dtypes, shapes, table entries in range) before touching memory.
 #include <ATen/ATen.h>
@@ -44,7 +46,13 @@ std::pair<at::Tensor, at::Tensor> check_backward(const at::Tensor& out_grad_in, 
   return {out_grad, table};
 }
 
-std::tuple<at::Tensor, at::Tensor> maxpool_forward(const at::Tensor& features_in, const at::Tensor& table_in) {
+// Per output row and channel: the max over the active taps and the input row it comes from (the first tap
+// on ties). NaN propagates as in torch.nn.functional.max_pool3d: a NaN input makes the output NaN, wherever
+// its tap is, and the gradient goes to the first NaN input. Rows without active taps give 0 and argmax -1.
+// zero_floor (spconv 2.x's SparseMaxPool, whose loop starts from 0): max(0, max over inputs); an output
+// whose max is below 0 gives 0 and argmax -1, so no gradient flows there.
+std::tuple<at::Tensor, at::Tensor> maxpool_forward(const at::Tensor& features_in, const at::Tensor& table_in,
+                                                   bool zero_floor) {
   const auto checked = check_forward(features_in, table_in, "maxpool_forward");
   const at::Tensor& features = checked.first;
   const at::Tensor& table = checked.second;
@@ -52,6 +60,7 @@ std::tuple<at::Tensor, at::Tensor> maxpool_forward(const at::Tensor& features_in
   at::Tensor out = at::zeros({m, c}, features.options());
   at::Tensor argmax = at::full({m, c}, -1, table.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, features.scalar_type(), "spconv_maxpool", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* in = features.data_ptr<scalar_t>();
     const int32_t* tp = table.data_ptr<int32_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
@@ -65,9 +74,19 @@ std::tuple<at::Tensor, at::Tensor> maxpool_forward(const at::Tensor& features_in
           if (i < 0) continue;
           const scalar_t* irow = in + int64_t(i) * c;
           for (int64_t ch = 0; ch < c; ++ch) {
-            if (arow[ch] < 0 || irow[ch] > orow[ch]) {
+            const acc_t v = static_cast<acc_t>(irow[ch]), cur = static_cast<acc_t>(orow[ch]);
+            // a NaN output stays (v > NaN is false); a NaN input replaces any non-NaN maximum
+            if (arow[ch] < 0 || v > cur || (v != v && cur == cur)) {
               orow[ch] = irow[ch];
               arow[ch] = i;
+            }
+          }
+        }
+        if (zero_floor) {
+          for (int64_t ch = 0; ch < c; ++ch) {
+            if (static_cast<acc_t>(orow[ch]) < acc_t(0)) {  // false for NaN
+              orow[ch] = scalar_t(0);
+              arow[ch] = -1;
             }
           }
         }
@@ -205,7 +224,7 @@ at::Tensor avgpool_backward(const at::Tensor& out_grad_in, const at::Tensor& cou
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(spconv, m) {
-  m.def("maxpool_forward(Tensor features, Tensor table) -> (Tensor, Tensor)");
+  m.def("maxpool_forward(Tensor features, Tensor table, bool zero_floor=False) -> (Tensor, Tensor)");
   m.def("maxpool_backward(Tensor out_grad, Tensor argmax, Tensor table_in) -> Tensor");
   m.def("active_counts(Tensor table) -> Tensor");
   m.def("avgpool_forward(Tensor features, Tensor table) -> Tensor");

@@ -145,7 +145,7 @@ CASES = {
     ],
     "maxpool_forward": [
         ("entry == N_in", "ops.maxpool_forward(f, t_hi)", "IndexError", r"table holds 5"),
-        ("entry 2^31-1", "ops.maxpool_forward(f, t_max)", "IndexError", r"2147483647"),
+        ("entry 2^31-1", "ops.maxpool_forward(f, t_max, True)", "IndexError", r"2147483647"),
         ("int features", "ops.maxpool_forward(f.int(), t)", "TypeError", r"features must be float"),
         ("float table", "ops.maxpool_forward(f, t.float())", "TypeError", r"table must be int32"),
     ],
