@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "spconv/bf16_gemm.h"
+#include "spconv/checks.h"
 #include "spconv/conv_avx512.h"
 #include "spconv/tile_gemm.h"
 
@@ -31,12 +32,6 @@ template <>
 struct AccType<double> {
   using type = double;
 };
-
-void check_table(const at::Tensor& table, const at::Tensor& src) {
-  TORCH_CHECK_VALUE(table.dim() == 2 && table.scalar_type() == at::kInt && table.is_contiguous(),
-                    "spconv: neighbour table must be a contiguous int32 [N, K] tensor");
-  TORCH_CHECK_VALUE(src.dim() == 2 && src.device().is_cpu(), "spconv: features must be a 2-D CPU tensor");
-}
 
 template <typename scalar_t>
 at::Tensor gather_conv_typed(const at::Tensor& src_in, const at::Tensor& table, const at::Tensor& weight,
@@ -200,14 +195,28 @@ at::Tensor implicit_gemm_conv(const at::Tensor& src_in, const at::Tensor& table,
   return dst;
 }
 
-at::Tensor gather_conv(const at::Tensor& src, const at::Tensor& table, const at::Tensor& weight, int64_t groups,
-                       bool transpose_weight) {
-  check_table(table, src);
-  TORCH_CHECK_VALUE(weight.dim() == 3 && weight.size(1) == table.size(1),
-                    "spconv: weight must be [C_out, K, C_in/groups] with K = table.size(1)");
-  TORCH_CHECK_VALUE(groups >= 1 && weight.size(0) % groups == 0, "spconv: C_out must be divisible by groups");
-  TORCH_CHECK_VALUE(weight.scalar_type() == src.scalar_type(), "spconv: features are ", src.scalar_type(),
-                    " but weight is ", weight.scalar_type(), "; cast one to the other's dtype");
+at::Tensor gather_conv(const at::Tensor& src_in, const at::Tensor& table_in, const at::Tensor& weight_in,
+                       int64_t groups, bool transpose_weight) {
+  const char* op = "gather_conv";
+  const at::Tensor src = check_features(src_in, op, "features");
+  const at::Tensor table = check_int32_2d(table_in, op, "table");
+  check_cpu(weight_in, op, "weight");
+  TORCH_CHECK_TYPE(weight_in.scalar_type() == src.scalar_type(), "spconv.gather_conv: features are ", src.scalar_type(),
+                   " but weight is ", weight_in.scalar_type(), "; cast one to the other's dtype");
+  TORCH_CHECK_VALUE(weight_in.dim() == 3, "spconv.gather_conv: weight must be 3-D [C_out, K, C_in/groups], got shape ",
+                    weight_in.sizes());
+  TORCH_CHECK_VALUE(weight_in.size(1) == table.size(1), "spconv.gather_conv: weight has ", weight_in.size(1),
+                    " kernel taps (weight.size(1)) but the table has ", table.size(1),
+                    " columns; the table must come from a kernel map of the same kernel size");
+  TORCH_CHECK_VALUE(groups >= 1 && weight_in.size(0) % groups == 0, "spconv.gather_conv: groups must be >= 1 and divide C_out = ",
+                    weight_in.size(0), ", got groups=", groups);
+  const at::Tensor weight = weight_in.contiguous();
+  const int64_t c_src = transpose_weight ? weight.size(0) : groups * weight.size(2);
+  TORCH_CHECK_VALUE(src.size(1) == c_src, "spconv.gather_conv: features have ", src.size(1), " channels but weight ",
+                    weight.sizes(), " with groups=", groups, (transpose_weight ? " (transposed)" : ""), " expects ", c_src);
+  check_entries(table, -1, src.size(0), op, "table",
+                "-1 (no neighbour) or a row of features (" + std::to_string(src.size(0)) +
+                    " rows); the table was built for other sites than these features");
   if (groups == 1 && src.scalar_type() == at::kFloat && avx512_conv_available())
     return implicit_gemm_conv(src, table, weight, transpose_weight);
   if (groups == 1 && src.scalar_type() == at::kBFloat16 && avx512_bf16_conv_available())
@@ -289,14 +298,22 @@ at::Tensor gather_conv_weight_grad_typed(const at::Tensor& src_in, const at::Ten
   return out;
 }
 
-at::Tensor gather_conv_weight_grad(const at::Tensor& src, const at::Tensor& table, const at::Tensor& dout,
+at::Tensor gather_conv_weight_grad(const at::Tensor& src_in, const at::Tensor& table_in, const at::Tensor& dout_in,
                                    int64_t groups) {
-  check_table(table, src);
-  TORCH_CHECK_VALUE(dout.dim() == 2 && dout.size(0) == table.size(0),
-                    "spconv: output gradient must have one row per table row");
-  TORCH_CHECK_VALUE(src.scalar_type() == dout.scalar_type(), "spconv: features and gradient dtypes differ");
+  const char* op = "gather_conv_weight_grad";
+  const at::Tensor src = check_features(src_in, op, "features");
+  const at::Tensor table = check_int32_2d(table_in, op, "table");
+  const at::Tensor dout = check_features(dout_in, op, "out_grad");
+  TORCH_CHECK_VALUE(dout.size(0) == table.size(0), "spconv.gather_conv_weight_grad: out_grad has ", dout.size(0),
+                    " rows but the table has ", table.size(0), "; it needs one gradient row per table row (output site)");
+  TORCH_CHECK_TYPE(src.scalar_type() == dout.scalar_type(), "spconv.gather_conv_weight_grad: features are ",
+                   src.scalar_type(), " but out_grad is ", dout.scalar_type(), "; cast one to the other's dtype");
   TORCH_CHECK_VALUE(groups >= 1 && src.size(1) % groups == 0 && dout.size(1) % groups == 0,
-                    "spconv: channels must be divisible by groups");
+                    "spconv.gather_conv_weight_grad: groups must be >= 1 and divide both channel counts (features ",
+                    src.size(1), ", out_grad ", dout.size(1), "), got groups=", groups);
+  check_entries(table, -1, src.size(0), op, "table",
+                "-1 (no neighbour) or a row of features (" + std::to_string(src.size(0)) +
+                    " rows); the table was built for other sites than these features");
   const bool fp32 = src.scalar_type() == at::kFloat, bf16 = src.scalar_type() == at::kBFloat16;
   if (groups == 1 && (fp32 || bf16) && avx512_conv_available()) {
     const at::Tensor s = src.contiguous(), d = dout.contiguous();

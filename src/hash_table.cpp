@@ -5,13 +5,19 @@
 // inserted is item i. Inserting an existing key keeps its first value (spconv's CPU table,
 // tsl::robin_map::insert, does the same). With max_size > 0 the table holds at most max_size
 // keys; an insert that would pass it raises ValueError and leaves the table unchanged.
+//
+// Thread-safe: one table may be used from several Python threads (the ops release the GIL). Writers
+// (insert, insert_exist_keys, assign_arange_, clear) hold the table's lock exclusively, readers (query,
+// items, size) share it, so a query never sees a half-rebuilt table and finds every key inserted before it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <tuple>
 #include <vector>
 
@@ -56,11 +62,12 @@ class HashTableCPU : public torch::CustomClassHolder {
     at::Tensor keys = check_keys(keys_in, "insert");
     at::Tensor values;
     if (values_in.has_value()) values = check_values(*values_in, keys.size(0), "insert");
-    const int64_t n = keys.size(0), old_size = size();
-    if (max_size_ <= 0 && (size() + n) * 2 > capacity()) grow_for(size() + n);
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    const int64_t n = keys.size(0), old_size = count();
+    if (max_size_ <= 0 && (count() + n) * 2 > capacity()) grow_for(count() + n);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t key = key_at(keys, i);
-      if (max_size_ > 0 && size() >= max_size_ && find(key) < 0) {
+      if (max_size_ > 0 && count() >= max_size_ && find(key) < 0) {
         keys_.resize(old_size);
         values_.resize(old_size);
         rebuild(capacity());
@@ -68,7 +75,7 @@ class HashTableCPU : public torch::CustomClassHolder {
                           " already in it); nothing was inserted: create the table with a larger max_size, or "
                           "max_size=-1 for a table that grows");
       }
-      if (max_size_ > 0 && (size() + 1) * 2 > capacity()) grow_for(size() + 1);
+      if (max_size_ > 0 && (count() + 1) * 2 > capacity()) grow_for(count() + 1);
       bool inserted;
       const int64_t e = find_or_insert(key, &inserted);
       if (inserted) values_[e] = values.defined() ? value_bits_at(values, i) : 0;
@@ -88,6 +95,7 @@ class HashTableCPU : public torch::CustomClassHolder {
     }
     at::Tensor is_empty = at::empty({n}, keys.options().dtype(at::kBool));
     bool* emp = is_empty.data_ptr<bool>();
+    std::shared_lock<std::shared_mutex> lock(mu_);
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t e = find(key_at(keys, i));
@@ -105,6 +113,7 @@ class HashTableCPU : public torch::CustomClassHolder {
     const int64_t n = keys.size(0);
     at::Tensor is_empty = at::empty({n}, keys.options().dtype(at::kByte));
     uint8_t* emp = is_empty.data_ptr<uint8_t>();
+    std::unique_lock<std::shared_mutex> lock(mu_);
     // Sequential: with a key repeated in `keys`, the last value wins, independent of threads.
     for (int64_t i = 0; i < n; ++i) {
       const int64_t e = find(key_at(keys, i));
@@ -118,13 +127,15 @@ class HashTableCPU : public torch::CustomClassHolder {
   int64_t assign_arange_() {
     TORCH_CHECK_VALUE(value_dtype_ == at::kInt || value_dtype_ == at::kLong,
                       "HashTable.assign_arange_: value_dtype must be torch.int32 or torch.int64, got ", dtype_name(value_dtype_));
-    for (int64_t i = 0; i < size(); ++i) values_[i] = value_dtype_ == at::kInt ? int64_t(uint32_t(i)) : i;
-    return size();
+    std::unique_lock<std::shared_mutex> lock(mu_);
+    for (int64_t i = 0; i < count(); ++i) values_[i] = value_dtype_ == at::kInt ? int64_t(uint32_t(i)) : i;
+    return count();
   }
 
   // (keys, values) of every entry, in insertion order.
   std::tuple<at::Tensor, at::Tensor> items() {
-    const int64_t n = size();
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    const int64_t n = count();
     at::Tensor keys = at::empty({n}, at::TensorOptions().dtype(key_dtype_));
     at::Tensor values = at::empty({n}, at::TensorOptions().dtype(value_dtype_));
     for (int64_t i = 0; i < n; ++i) {
@@ -138,8 +149,12 @@ class HashTableCPU : public torch::CustomClassHolder {
     return {keys, values};
   }
 
-  int64_t size() const { return static_cast<int64_t>(keys_.size()); }
+  int64_t size() const {
+    std::shared_lock<std::shared_mutex> lock(mu_);
+    return count();
+  }
   void clear() {
+    std::unique_lock<std::shared_mutex> lock(mu_);
     keys_.clear();
     values_.clear();
     rebuild(16);
@@ -152,6 +167,7 @@ class HashTableCPU : public torch::CustomClassHolder {
   };
 
   int64_t capacity() const { return mask_ + 1; }
+  int64_t count() const { return static_cast<int64_t>(keys_.size()); }  // with mu_ held
 
   at::Tensor check_keys(const at::Tensor& keys, const char* fn) const {
     TORCH_CHECK_VALUE(keys.device().is_cpu(), "HashTable.", fn, ": keys must be on the CPU, got ", keys.device());
@@ -211,7 +227,7 @@ class HashTableCPU : public torch::CustomClassHolder {
       Slot& slot = slots_[s];
       if (slot.entry < 0) {
         slot.key = key;
-        slot.entry = size();
+        slot.entry = count();
         keys_.push_back(key);
         values_.push_back(0);
         *inserted = true;
@@ -234,13 +250,14 @@ class HashTableCPU : public torch::CustomClassHolder {
   void rebuild(int64_t cap) {
     mask_ = cap - 1;
     slots_.assign(cap, Slot{0, -1});
-    for (int64_t e = 0; e < size(); ++e) {
+    for (int64_t e = 0; e < count(); ++e) {
       int64_t s = mix64(static_cast<uint64_t>(keys_[e])) & mask_;
       while (slots_[s].entry >= 0) s = (s + 1) & mask_;
       slots_[s] = Slot{keys_[e], e};
     }
   }
 
+  mutable std::shared_mutex mu_;  // see the top of the file
   c10::ScalarType key_dtype_, value_dtype_;
   int64_t max_size_;
   int64_t mask_ = 0;

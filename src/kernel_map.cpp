@@ -13,8 +13,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <sstream>
+#include <string>
 #include <tuple>
 
+#include "spconv/checks.h"
 #include "spconv/geometry.h"
 #include "spconv/radix_sort.h"
 
@@ -26,11 +29,106 @@ inline void read_coord(const int32_t* row, int ndim, int64_t* batch, Coord* c) {
   for (int d = 0; d < ndim; ++d) (*c)[d] = row[1 + d];
 }
 
-void check_indices(const at::Tensor& indices, int ndim) {
-  TORCH_CHECK_VALUE(indices.dim() == 2 && indices.size(1) == ndim + 1 && indices.scalar_type() == at::kInt &&
-                        indices.is_contiguous() && indices.device().is_cpu(),
-                    "spconv: indices must be a contiguous CPU int32 tensor [N, ", ndim + 1, "]");
-  TORCH_CHECK_VALUE(indices.size(0) < (int64_t(1) << 31), "spconv: at most 2^31-1 sites are supported");
+// indices [N, 1 + ndim] int32 on the CPU (returned contiguous), every batch index in [0, batch_size) and every
+// coordinate in [0, shape[d]): a parallel per-column min/max pass.
+at::Tensor check_indices(const at::Tensor& indices_in, int ndim, int64_t batch_size, at::IntArrayRef shape,
+                         const char* op, const char* shape_arg) {
+  check_cpu(indices_in, op, "indices");
+  TORCH_CHECK_TYPE(indices_in.scalar_type() == at::kInt, "spconv.", op, ": indices must be int32, got ",
+                   indices_in.scalar_type(), "; convert them with .int()");
+  TORCH_CHECK_VALUE(indices_in.dim() == 2 && indices_in.size(1) == ndim + 1, "spconv.", op,
+                    ": indices must be [N, 1 + ndim] = [N, ", ndim + 1, "] (batch index, then one column per entry of ",
+                    shape_arg, " = ", shape, "), got shape ", indices_in.sizes());
+  TORCH_CHECK_VALUE(indices_in.size(0) < (int64_t(1) << 31), "spconv.", op, ": at most 2^31-1 sites are supported, got ",
+                    indices_in.size(0));
+  at::Tensor indices = indices_in.contiguous();
+  int32_t lo[kMaxDim + 1], hi[kMaxDim + 1];
+  const int64_t n = indices.size(0);
+  column_min_max(indices.data_ptr<int32_t>(), n, ndim + 1, lo, hi);
+  if (n == 0) return indices;
+  TORCH_CHECK_VALUE(lo[0] >= 0 && hi[0] < batch_size, "spconv.", op, ": batch indices (indices column 0) range over [",
+                    lo[0], ", ", hi[0], "] but must be in [0, batch_size=", batch_size,
+                    "): pass the right batch_size or fix the indices");
+  for (int d = 0; d < ndim; ++d) {
+    TORCH_CHECK_VALUE(lo[d + 1] >= 0 && hi[d + 1] < shape[d], "spconv.", op, ": coordinates of spatial dimension ", d,
+                      " (indices column ", d + 1, ") range over [", lo[d + 1], ", ", hi[d + 1], "] but must be in [0, ",
+                      shape[d], ") for ", shape_arg, " = ", shape,
+                      ": drop or clamp the sites outside the grid, or enlarge the spatial shape");
+  }
+  return indices;
+}
+
+// batch_size * prod(shape) < 2^62: keys (batch, coordinates) fit int64 with room for arithmetic
+void check_key_volume(int64_t batch_size, at::IntArrayRef shape, const char* op, const char* what,
+                      const std::string& geometry) {
+  __int128 v = batch_size;
+  for (int64_t s : shape) v *= s;  // each factor <= 2^31 and at most 5 of them: no overflow of 128 bits
+  TORCH_CHECK_VALUE(v < (__int128(1) << 62), "spconv.", op, ": the ", what, " grid batch_size x prod(shape) = ",
+                    batch_size, " x prod(", shape, ") has ", static_cast<double>(v),
+                    " cells, more than the 2^62 that int64 site keys hold", geometry,
+                    ": reduce the spatial shape, stride, padding or dilation, or split the batch");
+}
+
+std::string describe(const char* op, at::IntArrayRef in_shape, at::IntArrayRef out_shape, at::IntArrayRef ksize,
+                     at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed) {
+  std::ostringstream os;
+  os << " (" << (transposed ? "transposed conv" : "conv") << " of input spatial shape " << in_shape
+     << " to output spatial shape " << out_shape << " with kernel_size=" << ksize << ", stride=" << stride
+     << ", padding=" << padding << ", dilation=" << dilation << ")";
+  return os.str();
+}
+
+// The geometry lists of a kernel-map op: one entry per dimension, shapes and ksize/stride/dilation in
+// [1, 2^31-1], padding in [0, 2^31-1], batch_size in [1, 2^31-1], a kernel volume that a table can have, and
+// every coordinate the map computes (y * s - p + k * d and its transposed form) well inside int64.
+void check_geometry(const char* op, int ndim, int64_t batch_size, at::IntArrayRef in_shape, at::IntArrayRef out_shape,
+                    at::IntArrayRef ksize, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                    bool transposed, bool subm) {
+  const char* shape_arg = subm ? "spatial_shape" : "in_shape";
+  TORCH_CHECK_VALUE(ndim >= 1 && ndim <= kMaxDim, "spconv.", op, ": ", shape_arg, " must have 1 to ", kMaxDim,
+                    " entries (one per spatial dimension), got ", in_shape);
+  TORCH_CHECK_VALUE(batch_size >= 1 && batch_size <= kInt32Max, "spconv.", op, ": batch_size must be in [1, 2^31-1], got ",
+                    batch_size);
+  check_dims(in_shape, ndim, 1, op, shape_arg);
+  check_dims(ksize, ndim, 1, op, "ksize");
+  if (!subm) check_dims(stride, ndim, 1, op, "stride");
+  if (!subm) check_dims(padding, ndim, 0, op, "padding");
+  check_dims(dilation, ndim, 1, op, "dilation");
+  int64_t volume = 1;
+  for (int d = 0; d < ndim; ++d) {
+    volume *= ksize[d];
+    TORCH_CHECK_VALUE(volume <= (int64_t(1) << 20), "spconv.", op, ": kernel volume prod(ksize) = prod(", ksize,
+                      ") is larger than 2^20 taps; use a smaller kernel");
+  }
+  if (subm) {
+    check_key_volume(batch_size, in_shape, op, "input", "");
+    for (int d = 0; d < ndim; ++d) {
+      const __int128 span = __int128(in_shape[d]) + __int128(ksize[d]) * dilation[d];
+      TORCH_CHECK_VALUE(span < (__int128(1) << 62), "spconv.", op, ": kernel_size x dilation in dimension ", d, " (",
+                        ksize[d], " x ", dilation[d], ") is too large for int64 coordinates");
+    }
+    return;
+  }
+  const std::string geometry = describe(op, in_shape, out_shape, ksize, stride, padding, dilation, transposed);
+  TORCH_CHECK_VALUE(static_cast<int>(out_shape.size()) == ndim, "spconv.", op, ": out_shape has ", out_shape.size(),
+                    " entries, expected ", ndim, geometry);
+  for (int d = 0; d < ndim; ++d) {
+    TORCH_CHECK_VALUE(out_shape[d] >= 1, "spconv.", op, ": out_shape[", d, "] = ", out_shape[d], " must be positive",
+                      geometry);
+    TORCH_CHECK_VALUE(out_shape[d] <= kInt32Max, "spconv.", op, ": output spatial size ", out_shape[d],
+                      " in dimension ", d, " does not fit the int32 coordinates of indices (at most 2^31-1)", geometry,
+                      ": reduce the padding, stride, dilation or input size");
+  }
+  check_key_volume(batch_size, in_shape, op, "input", geometry);
+  check_key_volume(batch_size, out_shape, op, "output", geometry);
+  for (int d = 0; d < ndim; ++d) {
+    // largest coordinate a tap computes: non-transposed the input y * s - p + k * d, transposed the output
+    // x * s - p + k * d (padding is subtracted: it only bounds the low end, which is >= -2^31)
+    const int64_t from = transposed ? in_shape[d] : out_shape[d];
+    const __int128 span = __int128(from - 1) * stride[d] + __int128(ksize[d] - 1) * dilation[d] + padding[d];
+    TORCH_CHECK_VALUE(span < (__int128(1) << 62), "spconv.", op, ": dimension ", d,
+                      " reaches coordinates beyond 2^62", geometry, ": reduce the stride or dilation");
+  }
 }
 
 int64_t max_key(int64_t batch_size, const Coord& shape, int ndim) {
@@ -128,9 +226,14 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
     in_stride[d] = in_volume;
     in_volume *= g.in_shape[d];
   }
+  // Key arithmetic wraps (uint64): terms of dimensions whose tap falls off the grid may pass int64, but those
+  // taps are skipped, and every key that is used is a true key (< 2^62), which modular sums give exactly.
   std::vector<int64_t> tap_delta(kv, 0);  // key offset of tap r relative to the window origin
-  for (int64_t r = 0; r < kv; ++r)
-    for (int d = 0; d < ndim; ++d) tap_delta[r] += g.offsets[r][d] * g.dilation[d] * in_stride[d];
+  for (int64_t r = 0; r < kv; ++r) {
+    uint64_t delta = 0;
+    for (int d = 0; d < ndim; ++d) delta += uint64_t(g.offsets[r][d] * g.dilation[d]) * uint64_t(in_stride[d]);
+    tap_delta[r] = static_cast<int64_t>(delta);
+  }
   const int64_t* keys = in.keys.data();
   const int32_t* rows = in.rows.data();
   const int64_t n_chunks = (m + kChunk - 1) / kChunk;
@@ -143,12 +246,12 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
       for (int64_t t = 0; t < cm; ++t) {
         int64_t b;
         decode_key(out_keys[o0 + t], g.out_shape, ndim, &b, &outc[t]);
-        int64_t key = b * in_volume;
+        uint64_t key = uint64_t(b) * uint64_t(in_volume);
         for (int d = 0; d < ndim; ++d) {
           origin[t][d] = outc[t][d] * g.stride[d] - g.padding[d];
-          key += origin[t][d] * in_stride[d];
+          key += uint64_t(origin[t][d]) * uint64_t(in_stride[d]);
         }
-        base[t] = key;
+        base[t] = static_cast<int64_t>(key);
       }
       if (transposed) {
         for (int64_t r = 0; r < kv; ++r) {
@@ -185,7 +288,7 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
             for (int64_t rl = 0; rl < k_last; ++rl) cells[rl] = -1;
             continue;
           }
-          const int64_t first = base[t] + tap_delta[row0];
+          const int64_t first = static_cast<int64_t>(uint64_t(base[t]) + uint64_t(tap_delta[row0]));
           p = seek(keys, n, p, first);
           int64_t q = p;
           for (int64_t rl = 0; rl < k_last; ++rl) {
@@ -251,6 +354,23 @@ inline int64_t input_coord(const ConvGeometry& g, bool transposed, int d, int64_
   return (v >= 0 && v < g.in_shape[d]) ? v : -1;
 }
 
+// Length of merge_rows' per-thread dense line (see there): the input row plus margins for the taps that fall
+// off it, which grow with padding, stride and dilation.
+int64_t dense_line_size(const ConvGeometry& g, bool transposed) {
+  const int last = g.ndim - 1;
+  if (transposed) return g.in_shape[last];
+  return std::max(g.in_shape[last], (g.out_shape[last] - 1) * g.stride[last] + (g.ksize[last] - 1) * g.dilation[last] +
+                                        1) +
+         g.padding[last];
+}
+
+// merge_rows only when its dense line stays small next to the work (the number of sites): a large padding or
+// dilation (2^26 on a 2-site input) would otherwise make every thread allocate and fill gigabytes; merge_taps
+// needs memory in proportion to the sites alone.
+bool fits_dense_line(const ConvGeometry& g, bool transposed, int64_t sites) {
+  return dense_line_size(g, transposed) <= std::max<int64_t>(int64_t(1) << 20, 4 * sites);
+}
+
 // Fills nbr through the row index. Outputs are visited in the order o = 0..m-1 with row j = order[o] (or
 // o) and coordinates coords[j] ([b, y...] int32), which must group outputs of one grid row (all
 // dimensions but the last) together, as sorted sites do. For each such run of outputs and each tap row
@@ -266,9 +386,7 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
   // line[margin + x] holds input x; non-transposed taps read x = y * s - p + rl * dil in
   // [-p, (out - 1) * s - p + (k - 1) * dil], transposed ones an x in [0, in) or none
   const int64_t margin = kTransposed ? 0 : p_last;
-  const int64_t line_size = kTransposed ? g.in_shape[last]
-                                        : std::max(g.in_shape[last], (g.out_shape[last] - 1) * s_last +
-                                                                         (k_last - 1) * d_last + 1) + margin;
+  const int64_t line_size = dense_line_size(g, kTransposed);
   const int32_t* rows = in.rows.data();
   const int32_t* start = ri.start.data();
   const int32_t* xs = ri.last.data();
@@ -288,8 +406,11 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
     rs *= g.in_shape[d];
   }
   const int64_t batch_rows = rs;
-  for (int64_t t = 0; t < tap_rows; ++t)
-    for (int d = 0; d < last; ++d) row_delta[t] += g.offsets[t * k_last][d] * g.dilation[d] * row_stride[d];
+  for (int64_t t = 0; t < tap_rows; ++t) {  // wrapping sums, as in merge_taps
+    uint64_t delta = 0;
+    for (int d = 0; d < last; ++d) delta += uint64_t(g.offsets[t * k_last][d] * g.dilation[d]) * uint64_t(row_stride[d]);
+    row_delta[t] = static_cast<int64_t>(delta);
+  }
   at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> line_buf(line_size, -1);
     int32_t* line = line_buf.data() + margin;
@@ -299,10 +420,10 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
       while (run1 < end && same_row(coords + row_of(run1) * (ndim + 1), c0)) ++run1;
       for (int64_t o = run0; o < run1; ++o) std::fill_n(nbr + row_of(o) * kv, kv, -1);
       Coord origin{};  // non-transposed: the input row coordinates of tap row 0, per dimension
-      int64_t base = c0[0] * batch_rows;
+      uint64_t base = uint64_t(c0[0]) * uint64_t(batch_rows);
       for (int d = 0; d < last; ++d) {
         origin[d] = int64_t(c0[1 + d]) * g.stride[d] - g.padding[d];
-        base += origin[d] * row_stride[d];
+        base += uint64_t(origin[d]) * uint64_t(row_stride[d]);
       }
       for (int64_t t = 0; t < tap_rows; ++t) {
         const int64_t row0 = t * k_last;
@@ -320,7 +441,7 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
             const int64_t x = origin[d] + g.offsets[row0][d] * g.dilation[d];
             inside &= (x >= 0) & (x < g.in_shape[d]);
           }
-          r = base + row_delta[t];
+          r = static_cast<int64_t>(base + uint64_t(row_delta[t]));
         }
         if (!inside) continue;
         const int32_t lo = start[r], hi = start[r + 1];
@@ -357,17 +478,18 @@ void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, c
 }
 
 // SubM: out sites == in sites; nbr[j, r] = row of site (y - pad + r * dil) with pad = (k // 2) * dil.
-at::Tensor build_subm_map(const at::Tensor& indices, int64_t batch_size, at::IntArrayRef spatial_shape,
+at::Tensor build_subm_map(const at::Tensor& indices_in, int64_t batch_size, at::IntArrayRef spatial_shape,
                           at::IntArrayRef ksize, at::IntArrayRef dilation) {
   const int ndim = static_cast<int>(spatial_shape.size());
-  check_indices(indices, ndim);
+  check_geometry("build_subm_map", ndim, batch_size, spatial_shape, spatial_shape, ksize, {}, {}, dilation, false, true);
+  const at::Tensor indices = check_indices(indices_in, ndim, batch_size, spatial_shape, "build_subm_map", "spatial_shape");
   std::vector<int64_t> ones(ndim, 1), pad(ndim);
   for (int d = 0; d < ndim; ++d) pad[d] = (ksize[d] / 2) * dilation[d];
   ConvGeometry g(ndim, spatial_shape, spatial_shape, ksize, ones, pad, dilation);
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
   at::Tensor nbr = at::empty({indices.size(0), g.kernel_volume}, indices.options());
   RowIndex ri;
-  if (build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
+  if (fits_dense_line(g, false, indices.size(0)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
     merge_rows(g, false, in, ri, indices.size(0), indices.data_ptr<int32_t>(), in.rows.data(), nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, false, in, in.keys, in.rows.data(), nbr.data_ptr<int32_t>());
@@ -390,12 +512,14 @@ int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
 
 // Regular (strided) or transposed conv: output sites are every site some input reaches, sorted by
 // (batch, coordinate); returns (out_indices [M, 1+D], nbr [M, K]).
-std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int64_t batch_size,
+std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, int64_t batch_size,
                                                   at::IntArrayRef in_shape, at::IntArrayRef out_shape,
                                                   at::IntArrayRef ksize, at::IntArrayRef stride,
                                                   at::IntArrayRef padding, at::IntArrayRef dilation, bool transposed) {
   const int ndim = static_cast<int>(in_shape.size());
-  check_indices(indices, ndim);
+  check_geometry("build_conv_map", ndim, batch_size, in_shape, out_shape, ksize, stride, padding, dilation, transposed,
+                 false);
+  const at::Tensor indices = check_indices(indices_in, ndim, batch_size, in_shape, "build_conv_map", "in_shape");
   ConvGeometry g(ndim, in_shape, out_shape, ksize, stride, padding, dilation);
   const int64_t n = indices.size(0);
   const int32_t* idx = indices.data_ptr<int32_t>();
@@ -555,7 +679,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
   });
   at::Tensor nbr = at::empty({m, g.kernel_volume}, indices.options());
   RowIndex ri;
-  if (build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
+  if (fits_dense_line(g, transposed, std::max(n, m)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
     merge_rows(g, transposed, in, ri, m, oidx, nullptr, nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());
@@ -564,9 +688,13 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices, int
 }
 
 // Input-major view of a map: nbr_in[i, r] = the output row that input i feeds through tap r, or -1.
-at::Tensor invert_map(const at::Tensor& nbr, int64_t num_inputs) {
-  TORCH_CHECK_VALUE(nbr.dim() == 2 && nbr.scalar_type() == at::kInt && nbr.is_contiguous(),
-                    "spconv: nbr must be a contiguous int32 [M, K] tensor");
+at::Tensor invert_map(const at::Tensor& nbr_in, int64_t num_inputs) {
+  const at::Tensor nbr = check_int32_2d(nbr_in, "invert_map", "nbr");
+  TORCH_CHECK_VALUE(num_inputs >= 0 && num_inputs <= kInt32Max, "spconv.invert_map: num_inputs must be in [0, 2^31-1], got ",
+                    num_inputs);
+  check_entries(nbr, -1, num_inputs, "invert_map", "nbr",
+                "-1 (no input) or an input row below num_inputs=" + std::to_string(num_inputs) +
+                    "; pass the number of input sites the map was built for");
   const int64_t m = nbr.size(0), kv = nbr.size(1);
   at::Tensor inv = at::full({num_inputs, kv}, -1, nbr.options());
   const int32_t* src = nbr.data_ptr<int32_t>();

@@ -8,7 +8,7 @@ Registered (shapes as the C++ kernels produce them):
   -> ``[N_out, C_out]`` (``[N_out, g * weight.size(2)]`` when ``transpose``), features' dtype
 - ``gather_conv_weight_grad(features [N_in, C_in], table [N_out, K], out_grad [N_out, C_out], groups)``
   -> ``[C_out, K, C_in/g]`` (contiguous)
-- ``maxpool_forward(features [N_in, C], table [N_out, K])`` -> ``([N_out, C], argmax [N_out, C] int32)``
+- ``maxpool_forward(features [N_in, C], table [N_out, K], zero_floor=False)`` -> ``([N_out, C], argmax [N_out, C] int32)``
 - ``maxpool_backward(out_grad [N_out, C], argmax, table_in [N_in, K])`` -> ``[N_in, C]``
 - ``avgpool_forward(features [N_in, C], table [N_out, K])`` -> ``[N_out, C]``
 - ``avgpool_backward(out_grad [N_out, C], counts, table_in [N_in, K])`` -> ``[N_in, C]``
@@ -51,7 +51,7 @@ def _gather_conv_weight_grad(features, table, out_grad, groups):
 
 
 @_register("maxpool_forward")
-def _maxpool_forward(features, table):
+def _maxpool_forward(features, table, zero_floor=False):
     shape = (table.size(0), features.size(1))
     return features.new_empty(shape), table.new_empty(shape)
 

@@ -146,10 +146,15 @@ def _check_cpu_only(t: torch.Tensor, op: str):
                                   "move the tensor to the CPU with .cpu()")
 
 
-def maxpool_forward(features: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Max over the active taps of each output row: ``(out [N_out, C], argmax input row [N_out, C])``."""
+def maxpool_forward(features: torch.Tensor, table: torch.Tensor,
+                    zero_floor: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Max over the active taps of each output row: ``(out [N_out, C], argmax input row [N_out, C])``.
+
+    NaN propagates (as in ``torch.nn.functional.max_pool3d``). ``zero_floor=True`` gives spconv 2.x's
+    ``max(0, max over inputs)``: where the floor wins the output is 0 and argmax -1 (no gradient).
+    """
     _check_cpu_only(features, "sparse max pooling")
-    return _ops.maxpool_forward(features, table)
+    return _ops.maxpool_forward(features, table, bool(zero_floor))
 
 
 def maxpool_backward(out_grad: torch.Tensor, argmax: torch.Tensor, table_in: torch.Tensor) -> torch.Tensor:
