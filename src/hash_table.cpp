@@ -21,17 +21,10 @@
 #include <tuple>
 #include <vector>
 
+#include "spconv/hash_mix.h"
+
 namespace spconv {
 namespace {
-
-inline uint64_t mix64(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return x;
-}
 
 const char* dtype_name(c10::ScalarType t) {
   switch (t) {

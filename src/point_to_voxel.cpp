@@ -41,19 +41,11 @@
 #include <tuple>
 #include <vector>
 
+#include "spconv/geometry.h"
+#include "spconv/hash_mix.h"
+
 namespace spconv {
 namespace {
-
-constexpr int kMaxDim = 4;
-
-inline uint64_t mix64(uint64_t x) {
-  x ^= x >> 33;
-  x *= 0xff51afd7ed558ccdULL;
-  x ^= x >> 33;
-  x *= 0xc4ceb9fe1a85ec53ULL;
-  x ^= x >> 33;
-  return x;
-}
 
 struct Slot {
   int64_t key;       // cell key, -1 when empty

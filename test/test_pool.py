@@ -94,11 +94,14 @@ def test_avgpool_matches_reference_and_gradcheck(nd, k, s, p, d):
     assert torch.autograd.gradcheck(fn, (small.clone().requires_grad_(True),))
 
 
-def test_maxpool_over_active_sites_only_with_negative_data():
-    idx = torch.tensor([[0, 0, 0], [0, 0, 1]], dtype=torch.int32)
-    feats = torch.tensor([[-3.0], [-1.0]])
-    out = spconv.SparseMaxPool2d(2, 2)(spconv.SparseConvTensor(feats, idx, [2, 2], 1))
-    assert out.features.item() == -1.0  # the empty sites of the window are not zeros
+def test_maxpool_of_negative_data_is_zero_as_in_spconv():
+    """spconv 2.3.8's max pool starts from 0: a window of only negative inputs gives 0 (spconv.scn keeps the
+    plain max, see test_scn.py)."""
+    idx = torch.tensor([[0, 0, 0], [0, 0, 1], [0, 2, 2]], dtype=torch.int32)
+    feats = torch.tensor([[-3.0], [-1.0], [2.0]])
+    out = spconv.SparseMaxPool2d(2, 2)(spconv.SparseConvTensor(feats, idx, [4, 4], 1))
+    got = {tuple(i): v for i, v in zip(out.indices.tolist(), out.features[:, 0].tolist())}
+    assert got == {(0, 0, 0): 0.0, (0, 1, 1): 2.0}
 
 
 def test_subm_maxpool_keeps_sites():

@@ -111,7 +111,7 @@ def conv_map(input: SparseConvTensor, key: Optional[str], ksize: List[int], stri
                                                output_padding or [0] * len(ksize))
     else:
         out_shape = ops.get_conv_output_size(input.spatial_shape, ksize, stride, padding, dilation)
-    ops._check_grid(out_shape, f"{desc}: output", input.batch_size)
+    ops._check_grid(out_shape, f"{desc} with stride={list(stride)}, padding={list(padding)}: output", input.batch_size)
     (out_indices, table), dups = _build(
         lambda idx: ops.build_conv_map(idx, input.spatial_shape, out_shape, ksize, stride, padding, dilation,
                                        transposed, input.batch_size), input, desc)

@@ -41,7 +41,8 @@ def get_conv_output_size(input_size, kernel_size, stride, padding, dilation) -> 
             raise ValueError(f"output spatial size of dimension {d} is {size} (input {i}, kernel {k}, stride {s}, "
                              f"padding {p}, dilation {dl}): reduce the kernel/stride or add padding")
         out.append(size)
-    _check_grid(out, "output")
+    _check_grid(out, f"output (input {list(input_size)}, kernel_size={list(kernel_size)}, stride={list(stride)}, "
+                     f"padding={list(padding)}, dilation={list(dilation)})")
     return out
 
 
@@ -53,13 +54,13 @@ def _check_grid(shape, what: str, batch_size: int = 1):
     """Coordinates are int32 and site keys int64: each extent must be < 2^31 and batch * volume < 2^62."""
     for d, size in enumerate(shape):
         if size > _INT32_MAX:
-            raise ValueError(f"{what} spatial size of dimension {d} is {size}, above 2^31-1 (coordinates are "
+            raise ValueError(f"{what}: spatial size of dimension {d} is {size}, above 2^31-1 (coordinates are "
                              f"int32); reduce the padding, dilation or stride, or use a coarser grid")
     volume = int(batch_size)
     for size in shape:
         volume *= int(size)
     if volume >= _KEY_LIMIT:
-        raise ValueError(f"{what} grid batch_size x prod({list(shape)}) = {volume} does not fit int64 site keys "
+        raise ValueError(f"{what}: batch_size x prod({list(shape)}) = {volume} does not fit int64 site keys "
                          "(limit 2^62); reduce the stride, padding or dilation, or use a coarser grid")
 
 
@@ -74,7 +75,9 @@ def get_deconv_output_size(input_size, kernel_size, stride, padding, dilation, o
             raise ValueError(f"output spatial size of dimension {d} is {size} (input {i}, kernel {k}, stride {s}, "
                              f"padding {p}): reduce the padding")
         out.append(size)
-    _check_grid(out, "output")
+    _check_grid(out, f"transposed output (input {list(input_size)}, kernel_size={list(kernel_size)}, "
+                     f"stride={list(stride)}, padding={list(padding)}, dilation={list(dilation)}, "
+                     f"output_padding={list(output_padding)})")
     return out
 
 
