@@ -7,7 +7,6 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 py=${PYTHON:-python3}
-pip_q=(-q --disable-pip-version-check)
 mkdir -p build
 log=build/build.log
 
@@ -45,18 +44,19 @@ EOF
 }
 if ! installed; then
   # Step 1: the build requirements, so that step 2 can build without isolation against this very torch.
-  echo "setup.sh: installing torch 2.13.0 (CPU build) and the build tools..." >&2
-  .venv/bin/pip install "${pip_q[@]}" torch==2.13.0 setuptools wheel ninja >&2
+  echo "setup.sh: installing torch 2.13.0 (CPU build) and the build tools (log: $log)..." >&2
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 setuptools wheel ninja >"$log" 2>&1 ||
+    build_failed "pip install torch==2.13.0 setuptools wheel ninja"
   # Step 2: spconv and its extras. torch==2.13.0 on the same line: no dependency can swap in a CUDA torch.
   # This also builds the extension (a few minutes on 2 cores; MAX_JOBS=N limits the parallel compiles).
   echo "setup.sh: installing spconv[test,examples,gpu] and building its C++ extension (log: $log)..." >&2
   if ! .venv/bin/pip install -v --disable-pip-version-check --no-build-isolation -e ".[test,examples,gpu]" \
-      torch==2.13.0 >"$log" 2>&1; then
+      torch==2.13.0 >>"$log" 2>&1; then
     # An extra that cannot be installed here (no wheel for this platform, no network) must not stop the
     # suite: install spconv with the test tools only; the tests that need a missing package skip.
     echo "warning: pip could not install all extras (see $log); retrying with pytest and hypothesis only" >&2
     .venv/bin/pip install -v --disable-pip-version-check --no-build-isolation -e . torch==2.13.0 pytest hypothesis \
-      >"$log" 2>&1 || build_failed "pip install -e ."
+      >>"$log" 2>&1 || build_failed "pip install -e ."
   fi
 fi
 lib=$(ls spconv/_C*.so 2>/dev/null | head -n 1 || true)
