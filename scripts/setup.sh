@@ -1,33 +1,23 @@
 #!/usr/bin/env bash
-# Creates .venv (if needed) with the pinned CPU torch and the test tools, and builds the C++ extension
-# in place (only when a source is newer than the built library). Sourced by demo.sh and test.sh.
+# Creates .venv (if needed), installs spconv in it (editable, with the extras test, examples and gpu, and the
+# pinned CPU build torch==2.13.0) and builds the C++ extension in place, rebuilding it only when a source is
+# newer than the built library. The compiler output goes to build/build.log and is shown only on failure.
+# Sourced by demo.sh and test.sh.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 py=${PYTHON:-python3}
+mkdir -p build
+log=build/build.log
+
+build_failed() {
+  echo "setup.sh: $1 failed; the last lines of $log:" >&2
+  tail -n 60 "$log" >&2
+  exit 1
+}
+
 if [[ ! -x .venv/bin/python ]]; then
   "$py" -m venv .venv
-fi
-if ! .venv/bin/python -c "import torch, numpy, pytest, hypothesis, ninja, sklearn, tqdm" 2>/dev/null; then
-  # scikit-learn (its bundled UCI digits) and tqdm are for example/scn_digits.py and its test
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 numpy pytest hypothesis ninja setuptools wheel \
-    scikit-learn tqdm
-fi
-# cumm (tensorview) is optional: spconv.utils accepts its tv.Tensor, and the tests of that skip without it.
-# It is small and does not depend on torch (deps: pccm, ccimport, pybind11, fire, numpy, sympy).
-if ! .venv/bin/python -c "import cumm" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check cumm \
-    || echo "warning: could not install cumm; tests with cumm tv.Tensor inputs will be skipped" >&2
-fi
-# Examples and their tests: matplotlib, tqdm, scikit-learn and open3d (open3d-cpu: the same `open3d` module
-# without the CUDA kernels, a 105 MB wheel instead of ~400 MB). torch==2.13.0 is named in the same
-# command so that no dependency can pull in another torch. Failures only warn: the tests that need a
-# missing package skip with the reason.
-if ! .venv/bin/python -c "import importlib.metadata as m; [m.version(p) for p in ('matplotlib', 'tqdm', 'scikit-learn')]" \
-    2>/dev/null; then
-  echo "installing the examples' packages (matplotlib, tqdm, scikit-learn)..." >&2
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 matplotlib tqdm scikit-learn >&2 ||
-    echo "warning: could not install matplotlib/tqdm/scikit-learn: the examples' tests will skip" >&2
 fi
 # open3d's library links libusb-1.0.so.0 (Debian: libusb-1.0-0); without it `import open3d` fails.
 if ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libusb-1\.0\.so\.0'; then
@@ -39,24 +29,38 @@ if ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libusb-1\.0\.so\.0'; then
     echo "note: libusb-1.0-0 is missing and apt-get needs root: open3d will not import, its tests will skip" >&2
   fi
 fi
-if ! .venv/bin/python -c "import importlib.metadata as m; m.version('open3d-cpu')" 2>/dev/null &&
-   ! .venv/bin/python -c "import importlib.metadata as m; m.version('open3d')" 2>/dev/null; then
-  echo "installing open3d-cpu 0.20 (105 MB download)..." >&2
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 open3d-cpu==0.20.0 >&2 ||
-    echo "warning: could not install open3d-cpu: the open3d example's tests will skip" >&2
-fi
-# Triton, the optional [gpu] extra: the GPU kernels, tested on the CPU in Triton's interpreter. torch is
-# pinned on the same command line so that pip never swaps the CPU build for a CUDA one.
-if ! .venv/bin/python -c "import triton" 2>/dev/null; then
-  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 triton ||
-    echo "setup.sh: could not install triton; test/triton will be skipped" >&2
+# Everything pyproject.toml's extras name, and spconv itself, installed?
+installed() {
+  .venv/bin/python - <<'EOF' 2>/dev/null
+import importlib.metadata as m
+for p in ("spconv", "torch", "setuptools", "ninja", "numpy", "pytest", "hypothesis", "scikit-learn", "tqdm", "cumm",
+          "matplotlib", "triton"):
+    m.version(p)
+try:
+    m.version("open3d-cpu")
+except m.PackageNotFoundError:
+    m.version("open3d")
+EOF
+}
+if ! installed; then
+  # Step 1: the build requirements, so that step 2 can build without isolation against this very torch.
+  echo "setup.sh: installing torch 2.13.0 (CPU build) and the build tools (log: $log)..." >&2
+  .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0 setuptools wheel ninja >"$log" 2>&1 ||
+    build_failed "pip install torch==2.13.0 setuptools wheel ninja"
+  # Step 2: spconv and its extras. torch==2.13.0 on the same line: no dependency can swap in a CUDA torch.
+  # This also builds the extension (a few minutes on 2 cores; MAX_JOBS=N limits the parallel compiles).
+  echo "setup.sh: installing spconv[test,examples,gpu] and building its C++ extension (log: $log)..." >&2
+  if ! .venv/bin/pip install -v --disable-pip-version-check --no-build-isolation -e ".[test,examples,gpu]" \
+      torch==2.13.0 >>"$log" 2>&1; then
+    # An extra that cannot be installed here (no wheel for this platform, no network) must not stop the
+    # suite: install spconv with the test tools only; the tests that need a missing package skip.
+    echo "warning: pip could not install all extras (see $log); retrying with pytest and hypothesis only" >&2
+    .venv/bin/pip install -v --disable-pip-version-check --no-build-isolation -e . torch==2.13.0 pytest hypothesis \
+      >>"$log" 2>&1 || build_failed "pip install -e ."
+  fi
 fi
 lib=$(ls spconv/_C*.so 2>/dev/null | head -n 1 || true)
 if [[ -z "$lib" ]] || [[ -n "$(find src include setup.py -newer "$lib" -type f 2>/dev/null | head -n 1)" ]]; then
-  echo "building the spconv C++ extension (a minute or two)..." >&2
-  .venv/bin/python setup.py -q build_ext --inplace >&2
-fi
-if ! .venv/bin/python -c "import importlib.metadata as m; m.version('spconv')" 2>/dev/null; then
-  # registers the source tree with the venv (editable), so examples and benches import it from anywhere
-  .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e . >&2
+  echo "setup.sh: building the spconv C++ extension (a few minutes on 2 cores; log: $log)..." >&2
+  .venv/bin/python setup.py build_ext --inplace >"$log" 2>&1 || build_failed "the build"
 fi
