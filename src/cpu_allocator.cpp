@@ -195,6 +195,7 @@ class CachingCPUAllocator final : public c10::Allocator {
     for (auto it = free_.begin(); it != free_.end();) {
       if (tick_ - it->second.tick >= max_idle_allocs_ && now - it->second.when >= max_idle_) {
         ++idle_frees_;
+        trim_pending_ = true;  // idle memory: also give glibc's free heap pages back (rare, not every eviction)
         cached_ -= it->first;
         to_free->push_back(it->second.ptr);
         it = free_.erase(it);
@@ -210,7 +211,6 @@ class CachingCPUAllocator final : public c10::Allocator {
       to_free->push_back(last->second.ptr);
       free_.erase(last);
     }
-    if (!to_free->empty()) trim_pending_ = true;
   }
 
   // A block of ours goes back to the cache; anything else (a small block handed out raw) to the default

@@ -454,6 +454,15 @@ Result point_to_voxel(
   TORCH_CHECK_VALUE(max_num_voxels > 0 && max_num_points_per_voxel > 0,
                     "point_to_voxel: max_num_voxels and max_num_points_per_voxel must be positive");
   TORCH_CHECK_VALUE(points_in.size(0) < (int64_t(1) << 29), "point_to_voxel: at most 2^29 points per call");
+  TORCH_CHECK_VALUE(max_num_points_per_voxel <= std::numeric_limits<int32_t>::max(),
+                    "point_to_voxel: max_num_points_per_voxel must be at most 2^31-1, got ", max_num_points_per_voxel);
+  {  // the voxels tensor [min(N, max_num_voxels), max_num_points_per_voxel, F] float32 must have a size
+    const __int128 bytes = __int128(std::min<int64_t>(points_in.size(0), max_num_voxels)) * max_num_points_per_voxel *
+                           points_in.size(1) * 4;
+    TORCH_CHECK_VALUE(bytes < (__int128(1) << 62), "point_to_voxel: voxels of [", std::min<int64_t>(points_in.size(0), max_num_voxels),
+                      ", ", max_num_points_per_voxel, ", ", points_in.size(1),
+                      "] float32 would not fit in memory; lower max_num_points_per_voxel or max_num_voxels");
+  }
 
   Meta m;
   m.ndim = ndim;

@@ -192,6 +192,8 @@ CASES = {
          "ValueError", r"points must be \[N, F\]"),
         ("too few columns", "ops.point_to_voxel(pts[:, :2], [1.0] * 3, [4] * 3, [0.0] * 3 + [4.0] * 3, 10, 5, False)",
          "ValueError", r"F >= 3"),
+        ("points per voxel", "ops.point_to_voxel(pts, [1.0] * 3, [4] * 3, [0.0] * 3 + [4.0] * 3, 10, 2 ** 40, "
+         "False)", "ValueError", r"max_num_points_per_voxel"),
         ("huge grid", "ops.point_to_voxel(pts, [1.0] * 3, [2 ** 31 - 1] * 3, [0.0] * 3 + [4.0] * 3, 10, 5, False)",
          "ValueError", r"too many cells"),
     ],
