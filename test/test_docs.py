@@ -80,12 +80,9 @@ def test_perf_json_is_committed():
     assert os.path.isfile(PERF_JSON), "bench/results/cpu.json (the figures of the docs) is missing"
 
 
-@pytest.mark.parametrize("rel", doc_files())
+@pytest.mark.parametrize("rel", [rel for rel in doc_files() if perf_table.marked_parts(read(rel))])
 def test_perf_tables_equal_the_script_output(rel):
-    text = read(rel)
-    parts = perf_table.marked_parts(text)
-    if not parts:
-        pytest.skip(f"{rel} has no generated performance part")
+    parts = perf_table.marked_parts(read(rel))
     data = perf_table.load(PERF_JSON)
     for name, content in parts:
         assert content == perf_table.render(data, name), (
