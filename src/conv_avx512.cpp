@@ -139,16 +139,7 @@ inline void store_rows(const float* acc, int64_t ldc, int64_t rows, int64_t cd, 
 }
 
 SPCONV_AVX512 void store_rows(const float* acc, int64_t ldc, int64_t rows, int64_t cd, uint16_t* dst) {
-  for (int64_t t = 0; t < rows; ++t) {
-    const float* a = acc + t * ldc;
-    uint16_t* d = dst + t * cd;
-    for (int64_t c = 0; c < cd; c += 16) {
-      const int64_t w = std::min<int64_t>(16, cd - c);
-      const __mmask16 mask = static_cast<__mmask16>(w == 16 ? 0xffff : (1u << w) - 1);
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, a + c));
-      _mm256_mask_storeu_epi16(d + c, mask, h);
-    }
-  }
+  igemm::store_tile_bf16(acc, ldc, rows, cd, dst);
 }
 
 template <typename K>

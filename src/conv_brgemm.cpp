@@ -39,18 +39,6 @@ SPCONV_AVX512 void add_rows_avx512(int64_t m, const int32_t* rows, const float* 
   }
 }
 
-SPCONV_AVX512 void store_bf16_avx512(const float* acc, int64_t ldw, int64_t rows, int64_t cd, uint16_t* dst) {
-  for (int64_t t = 0; t < rows; ++t) {
-    const float* a = acc + t * ldw;
-    uint16_t* d = dst + t * cd;
-    for (int64_t c = 0; c < cd; c += 16) {
-      const int64_t w = std::min<int64_t>(16, cd - c);
-      const __mmask16 mask = static_cast<__mmask16>(w == 16 ? 0xffff : (1u << w) - 1);
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, a + c));
-      _mm256_mask_storeu_epi16(d + c, mask, h);
-    }
-  }
-}
 #endif
 
 // acc[rows[i]] += part[i] for i < m (ldw columns, a multiple of 16)
@@ -67,7 +55,7 @@ void add_rows(int64_t m, const int32_t* rows, const float* part, int64_t ldw, fl
 
 void store_bf16(const float* acc, int64_t ldw, int64_t rows, int64_t cd, uint16_t* dst) {
 #ifdef SPCONV_HAS_AVX512_KERNELS
-  if (cpu_has_avx512_bf16_dot()) return store_bf16_avx512(acc, ldw, rows, cd, dst);
+  if (cpu_has_avx512_bf16_dot()) return igemm::store_tile_bf16(acc, ldw, rows, cd, dst);
 #endif
   for (int64_t t = 0; t < rows; ++t)
     for (int64_t c = 0; c < cd; ++c) dst[t * cd + c] = c10::BFloat16(acc[t * ldw + c]).x;  // round to nearest even

@@ -47,6 +47,21 @@ inline bool cpu_has_avx512_bf16_dot() {
 namespace igemm {
 
 // The M x NB fp32 accumulators of rows c[0..M) (16 NB columns each), to and from registers.
+// Rows [rows, cd] of an fp32 accumulator tile (row stride ldc) written as bf16 rows of cd columns,
+// rounded to nearest even (vcvtneps2bf16); the tail of each row is masked.
+SPCONV_AVX512 inline void store_tile_bf16(const float* acc, int64_t ldc, int64_t rows, int64_t cd, uint16_t* dst) {
+  for (int64_t t = 0; t < rows; ++t) {
+    const float* a = acc + t * ldc;
+    uint16_t* d = dst + t * cd;
+    for (int64_t c = 0; c < cd; c += 16) {
+      const int64_t w = cd - c < 16 ? cd - c : 16;
+      const __mmask16 mask = static_cast<__mmask16>(w == 16 ? 0xffff : (1u << w) - 1);
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mask, a + c));
+      _mm256_mask_storeu_epi16(d + c, mask, h);
+    }
+  }
+}
+
 template <int M, int NB>
 SPCONV_AVX512_INLINE void load_rows(__m512 (&acc)[M][NB], float* const* c) {
   SPCONV_UNROLL
