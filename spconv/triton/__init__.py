@@ -3,10 +3,12 @@
 The functions mirror the CPU ops of :mod:`spconv.pytorch.ops` one for one (same signatures, same
 results): ``build_subm_map``, ``build_conv_map``, ``invert_map``, ``gather_conv``,
 ``gather_conv_weight_grad``. They run on CUDA/ROCm tensors, and on CPU tensors in Triton's
-interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported.
+interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported. They are the CUDA kernels
+of the ``torch.ops.spconv.*`` operators (:mod:`spconv.triton.dispatch` registers them), so models reach
+them through PyTorch's dispatcher.
 
 Importing this package does not import triton: the kernels load on first use of one of the
-functions, so :func:`spconv.triton.dispatch.use_triton` is cheap and works without triton installed.
+functions, so :mod:`spconv.triton.dispatch` is cheap and works without triton installed.
 """
 import importlib
 

@@ -315,43 +315,103 @@ def test_gradcheck_fp64():
 
 
 # ------------------------------------------------------------------------------------------------
-# the spconv modules routed to Triton, as the ops.py dispatch does (SPCONV_BACKEND=triton)
+# dispatch: the Triton implementations are the CUDA kernels of torch.ops.spconv.*; triton_on_cpu() makes them
+# the CPU kernels too (the one way to run them on CPU tensors)
 
-def test_use_triton(monkeypatch):
+def test_every_triton_op_has_a_cuda_kernel():
+    assert set(dispatch.TRITON_KERNELS) == set(FUNCTIONS)
+    for name in dispatch.TRITON_KERNELS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spconv::{name}", "CUDA"), name
+        table = torch._C._dispatch_dump_table(f"spconv::{name}")
+        cuda_line = next(line for line in table.splitlines() if line.startswith("CUDA:"))
+        assert "python" in cuda_line.lower() or "dispatch.py" in cuda_line, cuda_line  # the Triton adapter
+
+
+def _redispatch_cuda(name, *args):
+    """Call the CUDA kernel of spconv::<name> on CPU tensors: what a CUDA tensor reaches, run in the interpreter."""
+    op = getattr(torch.ops.spconv, name).default
+    return op.redispatch(torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA), *args)
+
+
+def test_cuda_kernels_are_the_triton_kernels(monkeypatch):
+    calls = _count_triton_calls(monkeypatch)
+    shape = [7, 8, 6]
+    feats, idx = random_sparse(shape, 2, 0.2, 3, seed=4)
+    subm = _redispatch_cuda("build_subm_map", idx, 2, shape, [3] * 3, [1] * 3)
+    assert torch.equal(subm, ops.build_subm_map(idx, shape, [3] * 3, [1] * 3))  # both sorted by the same rule
+    out_idx, nbr = _redispatch_cuda("build_conv_map", idx, 2, shape, [4, 4, 3], [3] * 3, [2] * 3, [1] * 3, [1] * 3,
+                                    False)
+    ref_idx, ref_nbr = ops.build_conv_map(idx, shape, [4, 4, 3], [3] * 3, [2] * 3, [1] * 3, [1] * 3, False)
+    assert torch.equal(out_idx, ref_idx) and _pairs(out_idx, idx, nbr) == _pairs(ref_idx, idx, ref_nbr)
+    assert torch.equal(_redispatch_cuda("invert_map", nbr, idx.shape[0]), ops.invert_map(ref_nbr, idx.shape[0]))
+    w, dy = torch.randn(5, 27, 3), torch.randn(idx.shape[0], 5)
+    torch.testing.assert_close(_redispatch_cuda("gather_conv", feats, subm, w, 1, False),
+                               ops.gather_conv(feats, subm, w, 1, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_redispatch_cuda("gather_conv_weight_grad", feats, subm, dy, 1),
+                               ops.gather_conv_weight_grad(feats, subm, dy, 1), rtol=1e-5, atol=1e-5)
+    assert set(calls) == set(FUNCTIONS), calls
+
+
+def _count_triton_calls(monkeypatch):
+    """Counts the calls of spconv.triton's functions (what the registered kernels call)."""
+    calls = collections.Counter()
+    for name in FUNCTIONS:
+        def counted(*args, _fn=getattr(T, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+        monkeypatch.setattr(T, name, counted)
+    return calls
+
+
+def test_triton_on_cpu_swaps_the_cpu_kernels(monkeypatch):
+    calls = _count_triton_calls(monkeypatch)
     cpu = torch.zeros(1)
-    monkeypatch.delenv("SPCONV_BACKEND", raising=False)
+    x, table, w = torch.randn(4, 3), torch.tensor([[0, 1], [2, -1]], dtype=torch.int32), torch.randn(2, 2, 3)
+    ref = torch.ops.spconv.gather_conv(x, table, w, 1, False)
+    assert not calls and not dispatch.use_triton(cpu)
+    with dispatch.triton_on_cpu():
+        assert dispatch.use_triton(cpu)
+        with dispatch.triton_on_cpu():  # nested
+            torch.testing.assert_close(torch.ops.spconv.gather_conv(x, table, w, 1, False), ref)
+        assert dispatch.use_triton(cpu)
+        torch.testing.assert_close(ops.gather_conv(x, table, w, 1, False), ref)
+    assert calls["gather_conv"] == 2
     assert not dispatch.use_triton(cpu)
+    torch.ops.spconv.gather_conv(x, table, w, 1, False)  # the C++ kernel again
+    assert calls["gather_conv"] == 2
     assert dispatch.use_triton(types.SimpleNamespace(device=torch.device("cuda", 0)))  # NVIDIA and ROCm
     assert not dispatch.use_triton(torch.zeros(1, device="meta"))
-    monkeypatch.setenv("SPCONV_BACKEND", "triton")
-    assert dispatch.use_triton(cpu)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
-        dispatch.use_triton(cpu)
+        with dispatch.triton_on_cpu():
+            pass
+    torch.ops.spconv.gather_conv(x, table, w, 1, False)
+    assert calls["gather_conv"] == 2  # a failed entry leaves the C++ kernels in place
+
+
+def test_spconv_backend_environment(monkeypatch):
     monkeypatch.setenv("SPCONV_BACKEND", "cuda-please")
     with pytest.raises(ValueError, match="SPCONV_BACKEND"):
-        dispatch.use_triton(cpu)
+        dispatch.enable_from_environment()
+    monkeypatch.setenv("SPCONV_BACKEND", "cpu")
+    dispatch.enable_from_environment()
+    assert not dispatch.use_triton(torch.zeros(1))
+    monkeypatch.setenv("SPCONV_BACKEND", "triton")
+    monkeypatch.setattr(dispatch, "_process_wide", None)
+    dispatch.enable_from_environment()
+    try:
+        assert dispatch.use_triton(torch.zeros(1))
+    finally:
+        dispatch._process_wide.__exit__(None, None, None)
+    assert not dispatch.use_triton(torch.zeros(1))
 
 
 @pytest.fixture
 def triton_backend(monkeypatch):
-    """Route spconv.pytorch.ops through use_triton like the ops.py dispatch; counts the Triton calls."""
-    monkeypatch.setenv("SPCONV_BACKEND", "triton")
-    calls = collections.Counter()
-
-    def route(name):
-        cpu_fn, triton_fn = getattr(ops, name), getattr(T, name)
-
-        def routed(tensor, *args):
-            if dispatch.use_triton(tensor):
-                calls[name] += 1
-                return triton_fn(tensor, *args)
-            return cpu_fn(tensor, *args)
-        return routed
-
-    for name in FUNCTIONS:
-        monkeypatch.setattr(ops, name, route(name))
-    return calls
+    """spconv.pytorch runs on the Triton kernels (CPU tensors, interpreter) inside the test; counts their calls."""
+    calls = _count_triton_calls(monkeypatch)
+    with dispatch.triton_on_cpu():
+        yield calls
 
 
 def _second_like(cin=4):
@@ -377,49 +437,24 @@ def _run(net, feats, idx, shape, batch):
     return y, x.features.grad, {n: p.grad.clone() for n, p in net.named_parameters()}
 
 
-def test_second_like_network_triton_equals_cpu(monkeypatch, triton_backend):
+def test_second_like_network_triton_equals_cpu(monkeypatch):
+    """spconv.pytorch's layers (ops.py calls torch.ops.spconv.*) on the C++ kernels, then on the Triton ones."""
+    calls = _count_triton_calls(monkeypatch)
     shape, batch = [9, 16, 14], 2
     feats, idx = random_sparse(shape, batch, 0.05, 4, seed=5)
     torch.manual_seed(0)
     net = _second_like()
-    monkeypatch.setenv("SPCONV_BACKEND", "cpu")
     y_cpu, dx_cpu, dw_cpu = _run(net, feats, idx, shape, batch)
-    assert sum(triton_backend.values()) == 0
-    monkeypatch.setenv("SPCONV_BACKEND", "triton")
-    y_tri, dx_tri, dw_tri = _run(net, feats, idx, shape, batch)
-    assert set(triton_backend) == set(FUNCTIONS), triton_backend  # every op ran on Triton
+    assert sum(calls.values()) == 0
+    with dispatch.triton_on_cpu():
+        y_tri, dx_tri, dw_tri = _run(net, feats, idx, shape, batch)
+    assert set(calls) == set(FUNCTIONS), calls  # every op ran on Triton
     assert y_tri.spatial_shape == y_cpu.spatial_shape == [4, 16, 14]
     assert torch.equal(y_tri.indices, y_cpu.indices)
     torch.testing.assert_close(y_tri.dense(), y_cpu.dense(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(dx_tri, dx_cpu, rtol=1e-4, atol=1e-4)
     for name in dw_cpu:
         torch.testing.assert_close(dw_tri[name], dw_cpu[name], rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
-
-
-@pytest.mark.skipif(not hasattr(ops, "use_triton"),
-                    reason="spconv/pytorch/ops.py does not route to spconv.triton yet (the dispatch patch is not applied)")
-def test_ops_dispatch_routes_to_triton(monkeypatch):
-    """With the routing in ops.py itself (no test fixture): SPCONV_BACKEND=triton runs every op on Triton."""
-    calls = collections.Counter()
-    for name in FUNCTIONS:
-        def counted(*args, _fn=getattr(T, name), _name=name):
-            calls[_name] += 1
-            return _fn(*args)
-        monkeypatch.setattr(T, name, counted)
-    shape, batch = [9, 16, 14], 2
-    feats, idx = random_sparse(shape, batch, 0.05, 4, seed=6)
-    torch.manual_seed(2)
-    net = _second_like()
-    monkeypatch.delenv("SPCONV_BACKEND", raising=False)
-    y_cpu, dx_cpu, dw_cpu = _run(net, feats, idx, shape, batch)
-    assert not calls
-    monkeypatch.setenv("SPCONV_BACKEND", "triton")
-    y_tri, dx_tri, dw_tri = _run(net, feats, idx, shape, batch)
-    assert set(calls) == set(FUNCTIONS), calls
-    torch.testing.assert_close(y_tri.dense(), y_cpu.dense(), rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(dx_tri, dx_cpu, rtol=1e-4, atol=1e-4)
-    for name in dw_cpu:
-        torch.testing.assert_close(dw_tri[name], dw_cpu[name], rtol=1e-4, atol=1e-4)
 
 
 def test_autocast_runs_reduced_precision_on_triton(triton_backend):
