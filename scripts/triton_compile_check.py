@@ -42,10 +42,11 @@ def _jobs(quick: bool):
                               m_out="i32", kv="i32", cap_mask="i64"),
                          dict(NDIM=nd, TRANSPOSED=tr, BLOCK=256, TAPS=4), False))
             jobs.append((f"insert_outputs nd={nd} transposed={tr}", km._insert_outputs_kernel,
-                         dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", n="i32", kv="i32", cap_mask="i64"),
+                         dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", status_ptr="*i32", n="i32", kv="i32",
+                              cap_mask="i64"),
                          dict(NDIM=nd, TRANSPOSED=tr, BLOCK=256, TAPS=4), False))
         jobs.append((f"insert_sites nd={nd}", km._insert_sites_kernel,
-                     dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", vals_ptr="*i32", dup_ptr="*i32", n="i32",
+                     dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", vals_ptr="*i32", status_ptr="*i32", n="i32",
                           cap_mask="i64"), dict(NDIM=nd, BLOCK=256), False))
         jobs.append((f"decode nd={nd}", km._decode_kernel,
                      dict(keys_ptr="*i64", out_idx_ptr="*i32", geo_ptr="*i64", m_out="i32"), dict(NDIM=nd, BLOCK=256),

@@ -212,6 +212,141 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
+# what the sequential interpreter hides: device guard, grid limits, full hash tables, block-size choice, bf16
+
+def test_launches_on_the_tensors_device(monkeypatch):
+    entered = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(_runtime.torch.cuda, "device", Recorder)
+    with _runtime.device_guard(types.SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with _runtime.device_guard(torch.zeros(1)):  # CPU tensors (interpreter): no CUDA call
+        pass
+    assert len(entered) == 1
+    for name in FUNCTIONS:  # every entry point launches under the guard of its first tensor argument
+        assert getattr(getattr(T, name), "device_guarded", False), name
+
+
+def test_grids_are_one_dimensional():
+    """CUDA caps grid axes 1 and 2 at 65535: taps x groups and groups are folded into axis 0."""
+    meta = dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=16)
+    assert tconv.gather_grid(1000, 16, 70000, meta) == (32 * 70000,)
+    assert tconv.weight_grad_grid(16, 16, 27, 4096, 3, meta) == (27 * 4096 * 3,)
+    with pytest.raises(ValueError, match="2\\^31"):
+        tconv.gather_grid(2 ** 30, 16, 64, meta)
+
+
+def test_grouped_kernels_fold_every_axis():
+    """Many groups, taps and row slices at once: every (tile, tap, group, slice) program lands on its own tile."""
+    n_in, subm, _ = _tables(seed=5)
+    g = torch.Generator().manual_seed(5)
+    groups, cin, cout = 8, 16, 40
+    x = torch.randn(n_in, cin, generator=g)
+    w = torch.randn(cout, 27, cin // groups, generator=g)
+    dy = torch.randn(n_in, cout, generator=g)
+    config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16)
+    torch.testing.assert_close(tconv.gather_conv(x, subm, w, groups, False, config=config),
+                               ops.gather_conv(x, subm, w, groups, False), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tconv.gather_conv_weight_grad(x, subm, dy, groups, config=config, splits=3),
+                               ops.gather_conv_weight_grad(x, subm, dy, groups), rtol=1e-5, atol=1e-5)
+
+
+def test_full_hash_table_raises(monkeypatch):
+    from spconv.triton import map_kernels as km
+    # the kernel alone: 40 distinct keys into 16 slots give up after probing every slot, and flag it
+    idx = torch.stack([torch.zeros(40, dtype=torch.int32), torch.arange(40, dtype=torch.int32)], 1)
+    geo = _runtime.geometry(idx.device, 1, [64], [64], [3], [1], [1], [1])
+    keys = torch.full((16,), -1, dtype=torch.int64)
+    vals = torch.full((16,), -1, dtype=torch.int32)
+    status = km._new_status(idx.device)
+    km._insert_sites_kernel[(1,)](idx, geo, keys, vals, status, 40, 15, NDIM=1, BLOCK=64)
+    assert status.tolist()[1] == 1 and (keys >= 0).all()
+    # the builders: a clear error instead of a hang
+    monkeypatch.setattr(km, "_capacity", lambda entries: 16)
+    with pytest.raises(RuntimeError, match="hash table .* is full"):
+        T.build_subm_map(idx, [64], [3], [1])
+    with pytest.raises(RuntimeError, match="hash table .* is full"):
+        T.build_conv_map(idx[:12] * 5, [64], [64], [3], [1], [1], [1], False)  # 12 sites fit, their 36 outputs not
+    small = idx[:6]
+    assert torch.equal(T.build_subm_map(small, [64], [3], [1]), ops.build_subm_map(small, [64], [3], [1]))
+
+
+def test_block_sizes_are_pinned_per_shape(monkeypatch):
+    """Outside the interpreter the block sizes are a pure function of the channel counts (the same in every
+    process: same summation order on every DDP rank), and each is one of the compile-checked configs."""
+    monkeypatch.setattr(tconv, "INTERPRET", False)
+    monkeypatch.delenv(tconv.AUTOTUNE_ENV, raising=False)
+    assert not tconv._autotune()
+    for weight_grad in (False, True):
+        configs = tconv.autotune_configs(weight_grad)
+        for a in (1, 3, 16, 17, 32, 64, 100, 128, 256, 1024):
+            for b in (1, 16, 33, 64, 128, 512):
+                cfg = tconv.pinned_config(weight_grad, a, b)
+                assert cfg == tconv.pinned_config(weight_grad, a, b)
+                blocks = {k: cfg[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")}
+                assert blocks in configs, (weight_grad, a, b, cfg)
+    assert tconv.pinned_config(False, 16, 16)["BLOCK_M"] >= 64  # 16-channel layers get tall tiles
+    monkeypatch.setenv(tconv.AUTOTUNE_ENV, "1")
+    assert tconv._autotune()
+
+
+def _interpreter_dot_with_bf16(monkeypatch):
+    """Triton's interpreter multiplies bf16 dot operands as raw uint16 bits; patch its dot to widen bf16 to fp32
+    first (exact: a bf16 product fits fp32), as tensor cores do, so that the kernels' true bf16 path can run."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        def widen(h):
+            if getattr(h.dtype, "scalar", h.dtype) == triton.language.bfloat16:
+                return (h.data.astype(np.uint32) << 16).view(np.float32)
+            return h.data
+        if widen(a) is a.data and widen(b) is b.data:
+            return original(self, a, b, d, input_precision, max_num_imprecise_acc)
+        return interpreter.TensorHandle(np.matmul(widen(a), widen(b), dtype=d.data.dtype) + d.data, d.dtype.scalar)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_true_reduced_precision_path(monkeypatch, dtype):
+    """UPCAST=False: bf16/fp16 tiles go into tl.dot as they are and the output is stored in bf16/fp16 by the
+    kernel, as on a GPU (by default the interpreter upcasts bf16 tiles; fp16 never is)."""
+    n_in, subm, strided = _tables(seed=11)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(n_in, 17, generator=g).to(dtype)
+    w = (torch.randn(6, 27, 17, generator=g) * 0.3).to(dtype)
+    dy = torch.randn(strided.shape[0], 6, generator=g).to(dtype)
+    ref = ops.gather_conv(x, strided, w, 1, False)
+    if dtype == torch.bfloat16:
+        assert tconv._dot_flags(dtype)[1]  # the default in the interpreter: upcast
+        monkeypatch.setattr(tconv, "INTERPRETER_UPCASTS_BF16", False)
+        raw = T.gather_conv(x, strided, w, 1, False)  # the interpreter's own bf16 dot: wrong
+        assert not torch.allclose(raw.float(), ref.float(), rtol=0.1, atol=0.1)
+        _interpreter_dot_with_bf16(monkeypatch)
+    assert tconv._dot_flags(dtype)[1] is False
+    torch.testing.assert_close(T.gather_conv(x, strided, w, 1, False), ref, **TOL[dtype])
+    inv = ops.invert_map(strided, n_in)
+    torch.testing.assert_close(T.gather_conv(dy, inv, w, 1, True), ops.gather_conv(dy, inv, w, 1, True), **TOL[dtype])
+    got = T.gather_conv_weight_grad(x, strided, dy, 1)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, ops.gather_conv_weight_grad(x, strided, dy, 1), **TOL[dtype])
+
+
+# ------------------------------------------------------------------------------------------------
 # dense PyTorch parity, forward and gradients, through a small autograd wrapper of the Triton ops
 
 class _TritonConv(torch.autograd.Function):
