@@ -139,12 +139,6 @@ def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_gra
     return _ops.gather_conv_weight_grad(features, table, out_grad.contiguous(), int(groups))
 
 
-def _check_cpu_only(t: torch.Tensor, op: str):
-    if t.device.type != "cpu":
-        raise NotImplementedError(f"spconv: {op} has no kernel for device '{t.device}' yet (CPU only); "
-                                  "move the tensor to the CPU with .cpu()")
-
-
 def maxpool_forward(features: torch.Tensor, table: torch.Tensor,
                     zero_floor: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Max over the active taps of each output row: ``(out [N_out, C], argmax input row [N_out, C])``.
@@ -152,20 +146,22 @@ def maxpool_forward(features: torch.Tensor, table: torch.Tensor,
     NaN propagates (as in ``torch.nn.functional.max_pool3d``). ``zero_floor=True`` gives spconv 2.x's
     ``max(0, max over inputs)``: where the floor wins the output is 0 and argmax -1 (no gradient).
     """
-    _check_cpu_only(features, "sparse max pooling")
+    _check_device(features)
     return _ops.maxpool_forward(features, table, bool(zero_floor))
 
 
 def maxpool_backward(out_grad: torch.Tensor, argmax: torch.Tensor, table_in: torch.Tensor) -> torch.Tensor:
     """Routes each output gradient to its argmax input row, through the input-major table."""
+    _check_device(out_grad, "gradients")
     return _ops.maxpool_backward(out_grad, argmax, table_in)
 
 
 def avgpool_forward(features: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean over the active taps: ``(out [N_out, C], active tap counts [N_out] int32)``."""
-    _check_cpu_only(features, "sparse average pooling")
+    _check_device(features)
     return _ops.avgpool_forward(features, table), _ops.active_counts(table)
 
 
 def avgpool_backward(out_grad: torch.Tensor, counts: torch.Tensor, table_in: torch.Tensor) -> torch.Tensor:
+    _check_device(out_grad, "gradients")
     return _ops.avgpool_backward(out_grad, counts, table_in)

@@ -52,6 +52,26 @@ def _gather_conv_weight_grad(features, table, out_grad, groups):
     return _triton().gather_conv_weight_grad(features, table, out_grad, groups)
 
 
+def _maxpool_forward(features, table, zero_floor=False):
+    return _triton().maxpool_forward(features, table, zero_floor)
+
+
+def _maxpool_backward(out_grad, argmax, table_in):
+    return _triton().maxpool_backward(out_grad, argmax, table_in)
+
+
+def _active_counts(table):
+    return _triton().active_counts(table)
+
+
+def _avgpool_forward(features, table):
+    return _triton().avgpool_forward(features, table)
+
+
+def _avgpool_backward(out_grad, counts, table_in):
+    return _triton().avgpool_backward(out_grad, counts, table_in)
+
+
 #: ``spconv::`` operator -> its Triton implementation (the schema's arguments, in order).
 TRITON_KERNELS = {
     "build_subm_map": _build_subm_map,
@@ -59,6 +79,11 @@ TRITON_KERNELS = {
     "invert_map": _invert_map,
     "gather_conv": _gather_conv,
     "gather_conv_weight_grad": _gather_conv_weight_grad,
+    "maxpool_forward": _maxpool_forward,
+    "maxpool_backward": _maxpool_backward,
+    "active_counts": _active_counts,
+    "avgpool_forward": _avgpool_forward,
+    "avgpool_backward": _avgpool_backward,
 }
 
 _cuda_library = None

@@ -27,6 +27,7 @@ from helpers import (dense_conv, dense_conv_transpose, gather_sites, random_spar
 
 SHAPES = {1: [23], 2: [9, 11], 3: [7, 8, 6], 4: [4, 5, 4, 5]}
 FUNCTIONS = ("build_subm_map", "build_conv_map", "invert_map", "gather_conv", "gather_conv_weight_grad")
+POOL_FUNCTIONS = ("maxpool_forward", "maxpool_backward", "active_counts", "avgpool_forward", "avgpool_backward")
 
 
 def _vec(v, nd):
@@ -234,7 +235,7 @@ def test_launches_on_the_tensors_device(monkeypatch):
     with _runtime.device_guard(torch.zeros(1)):  # CPU tensors (interpreter): no CUDA call
         pass
     assert len(entered) == 1
-    for name in FUNCTIONS:  # every entry point launches under the guard of its first tensor argument
+    for name in FUNCTIONS + POOL_FUNCTIONS:  # every entry point launches under the guard of its first tensor
         assert getattr(getattr(T, name), "device_guarded", False), name
 
 
@@ -454,7 +455,7 @@ def test_gradcheck_fp64():
 # the CPU kernels too (the one way to run them on CPU tensors)
 
 def test_every_triton_op_has_a_cuda_kernel():
-    assert set(dispatch.TRITON_KERNELS) == set(FUNCTIONS)
+    assert set(dispatch.TRITON_KERNELS) == set(FUNCTIONS) | set(POOL_FUNCTIONS)
     for name in dispatch.TRITON_KERNELS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"spconv::{name}", "CUDA"), name
         table = torch._C._dispatch_dump_table(f"spconv::{name}")
@@ -484,13 +485,16 @@ def test_cuda_kernels_are_the_triton_kernels(monkeypatch):
                                ops.gather_conv(feats, subm, w, 1, False), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_redispatch_cuda("gather_conv_weight_grad", feats, subm, dy, 1),
                                ops.gather_conv_weight_grad(feats, subm, dy, 1), rtol=1e-5, atol=1e-5)
-    assert set(calls) == set(FUNCTIONS), calls
+    pooled, arg = _redispatch_cuda("maxpool_forward", feats, nbr, True)
+    ref_pooled, ref_arg = ops.maxpool_forward(feats, ref_nbr, True)
+    assert torch.equal(pooled, ref_pooled) and torch.equal(arg, ref_arg)
+    assert set(calls) == set(FUNCTIONS) | {"maxpool_forward"}, calls
 
 
 def _count_triton_calls(monkeypatch):
     """Counts the calls of spconv.triton's functions (what the registered kernels call)."""
     calls = collections.Counter()
-    for name in FUNCTIONS:
+    for name in FUNCTIONS + POOL_FUNCTIONS:
         def counted(*args, _fn=getattr(T, name), _name=name, **kwargs):
             calls[_name] += 1
             return _fn(*args, **kwargs)
@@ -608,6 +612,88 @@ def test_autocast_runs_reduced_precision_on_triton(triton_backend):
     assert triton_backend["gather_conv"] == 1 and triton_backend["gather_conv_weight_grad"] == 1
     ref = conv(x).features
     torch.testing.assert_close(y.features.float(), ref.detach(), rtol=1e-2, atol=1e-2)
+
+
+# ------------------------------------------------------------------------------------------------
+# pooling: the Triton kernels against the CPU kernels, and spconv's pool layers on them
+
+def _pool_case(dtype, seed=0):
+    """Features with ties, negative-only outputs and a NaN; a strided 3x3x3 map and its inverse."""
+    shape = [7, 8, 6]
+    _, idx = random_sparse(shape, 2, 0.2, 1, seed=seed)
+    out_idx, table = ops.build_conv_map(idx, shape, [4, 4, 3], [3] * 3, [2] * 3, [1] * 3, [1] * 3, False)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(idx.shape[0], 19, generator=g)
+    x[::3, :4] = -torch.rand(x[::3, :4].shape, generator=g) - 0.5  # some outputs negative everywhere
+    x[1::4, 5] = 0.25  # ties between taps
+    x[7, 2] = float("nan")
+    return x.to(dtype), table, ops.invert_map(table, idx.shape[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("zero_floor", [False, True])
+def test_maxpool_equals_cpu(dtype, zero_floor):
+    x, table, inv = _pool_case(dtype, seed=3)
+    out, arg = T.maxpool_forward(x, table, zero_floor)
+    ref, ref_arg = ops.maxpool_forward(x, table, zero_floor)
+    assert out.dtype == dtype and arg.dtype == torch.int32
+    assert torch.equal(arg, ref_arg)  # same tap order, same ties, same NaN rule, same floor
+    torch.testing.assert_close(out, ref, rtol=0, atol=0, equal_nan=True)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    torch.testing.assert_close(T.maxpool_backward(dy, arg, inv), ops.maxpool_backward(dy, ref_arg, inv),
+                               **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_avgpool_equals_cpu(dtype):
+    x, table, inv = _pool_case(dtype, seed=4)
+    x = torch.nan_to_num(x)
+    counts = T.active_counts(table)
+    out = T.avgpool_forward(x, table)
+    ref, ref_counts = ops.avgpool_forward(x, table)
+    assert torch.equal(counts, ref_counts)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    torch.testing.assert_close(T.avgpool_backward(dy, counts, inv), ops.avgpool_backward(dy, counts, inv),
+                               **TOL[dtype])
+
+
+def test_pools_on_empty_input():
+    table = torch.zeros((0, 8), dtype=torch.int32)
+    out, arg = T.maxpool_forward(torch.randn(5, 3), table, True)
+    assert out.shape == arg.shape == (0, 3)
+    assert T.avgpool_forward(torch.randn(5, 3), table).shape == (0, 3)
+    inv = torch.full((5, 8), -1, dtype=torch.int32)
+    assert T.maxpool_backward(torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int32), inv).abs().sum() == 0
+    out, arg = T.maxpool_forward(torch.zeros(0, 3), torch.full((2, 8), -1, dtype=torch.int32), False)
+    assert out.abs().sum() == 0 and (arg == -1).all()
+
+
+@pytest.mark.parametrize("layer", ["max", "avg"])
+def test_pool_layers_triton_equals_cpu(monkeypatch, layer):
+    """spconv.pytorch's SparseMaxPool3d (spconv 2.x's zero floor) and SparseAvgPool3d, forward and backward, on
+    the C++ kernels and on the Triton kernels: the maps and the pools run on Triton."""
+    calls = _count_triton_calls(monkeypatch)
+    shape, batch = [9, 10, 8], 2
+    feats, idx = random_sparse(shape, batch, 0.15, 5, seed=8)
+    feats = feats - 0.3  # some outputs below the zero floor
+    pool = (spconv.SparseMaxPool3d if layer == "max" else spconv.SparseAvgPool3d)(3, stride=2, padding=1)
+
+    def run():
+        x = spconv.SparseConvTensor(feats.clone().requires_grad_(True), idx, shape, batch)
+        y = pool(x)
+        (y.features * torch.linspace(-1, 1, y.features.numel()).view_as(y.features)).sum().backward()
+        return y, x.features.grad
+
+    y_cpu, dx_cpu = run()
+    assert not calls
+    with dispatch.triton_on_cpu():
+        y_tri, dx_tri = run()
+    names = ("maxpool_forward", "maxpool_backward") if layer == "max" else ("avgpool_forward", "avgpool_backward")
+    assert all(calls[n] == 1 for n in names + ("build_conv_map", "invert_map")), calls
+    assert torch.equal(y_tri.indices, y_cpu.indices)
+    torch.testing.assert_close(y_tri.features, y_cpu.features, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(dx_tri, dx_cpu, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
