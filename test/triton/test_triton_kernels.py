@@ -283,6 +283,22 @@ def test_full_hash_table_raises(monkeypatch):
     assert torch.equal(T.build_subm_map(small, [64], [3], [1]), ops.build_subm_map(small, [64], [3], [1]))
 
 
+def test_one_host_read_per_map(monkeypatch):
+    """Duplicates, a full table and the output count come back in one status read per map build."""
+    reads = collections.Counter()
+    for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__"):
+        def counted(self, *args, _fn=getattr(torch.Tensor, name), _name=name, **kwargs):
+            reads[_name] += 1
+            return _fn(self, *args, **kwargs)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    shape = [7, 8, 6]
+    _, idx = random_sparse(shape, 2, 0.2, 1, seed=9)
+    T.build_subm_map(idx, shape, [3] * 3, [1] * 3)
+    assert sum(reads.values()) == 1, reads
+    T.build_conv_map(idx, shape, [4, 4, 3], [3] * 3, [2] * 3, [1] * 3, [1] * 3, False)
+    assert sum(reads.values()) == 2, reads
+
+
 def test_block_sizes_are_pinned_per_shape(monkeypatch):
     """Outside the interpreter the block sizes are a pure function of the channel counts (the same in every
     process: same summation order on every DDP rank), and each is one of the compile-checked configs."""
