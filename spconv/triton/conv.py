@@ -218,10 +218,14 @@ def _check_dtype(t: torch.Tensor, what: str):
         raise TypeError(f"spconv.triton: {what} must be float32, float16, bfloat16 or float64, got {t.dtype}")
 
 
-def _check_table(table: torch.Tensor, n_rows_name: str):
+def _check_table(table: torch.Tensor, n_rows_name: str, features: torch.Tensor):
     if table.dim() != 2 or table.dtype != torch.int32:
         raise ValueError(f"spconv: neighbour table must be an int32 [N, K] tensor, got {table.dtype} "
                          f"{tuple(table.shape)}")
+    if table.device != features.device:
+        raise ValueError(f"spconv: features are on {features.device} but the neighbour table on {table.device}: "
+                         "build the kernel map from indices on the features' device (move the indices with "
+                         f".to('{features.device}'))")
     check_device(table, n_rows_name)
     return table.contiguous()
 
@@ -252,7 +256,7 @@ def gather_conv(features: torch.Tensor, table: torch.Tensor, weight: torch.Tenso
     block sizes (tests use it to run every config).
     """
     check_device(features, "features")
-    table = _check_table(table, "neighbour tables")
+    table = _check_table(table, "neighbour tables", features)
     _check_dtype(features, "features")
     groups = int(groups)
     if weight.dim() != 3 or weight.shape[1] != table.shape[1]:
@@ -306,7 +310,7 @@ def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_gra
     ``config`` overrides the block sizes and ``splits`` forces the number of row slices (for tests).
     """
     check_device(features, "features")
-    table = _check_table(table, "neighbour tables")
+    table = _check_table(table, "neighbour tables", features)
     _check_dtype(features, "features")
     groups = int(groups)
     if out_grad.dim() != 2 or out_grad.shape[0] != table.shape[0]:

@@ -204,6 +204,10 @@ def test_conv_kernels_on_empty_and_bad_input():
         T.gather_conv(torch.ones(2, 3, dtype=torch.int32), table, torch.ones(4, 27, 3, dtype=torch.int32), 1, False)
     with pytest.raises(ValueError, match="weight is"):
         T.gather_conv(torch.randn(2, 3), table, torch.randn(4, 27, 3, dtype=torch.float64), 1, False)
+    with pytest.raises(ValueError, match="neighbour table on meta"):  # e.g. CUDA features with a CPU-built map
+        T.gather_conv(torch.randn(2, 3), table.to("meta"), torch.randn(4, 27, 3), 1, False)
+    with pytest.raises(ValueError, match="neighbour table on meta"):
+        T.gather_conv_weight_grad(torch.randn(2, 3), table.to("meta"), torch.randn(2, 4), 1)
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):
