@@ -28,6 +28,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from spconv.triton import conv as tconv  # noqa: E402
 from spconv.triton import map_kernels as km  # noqa: E402
+from spconv.triton import pool as tpool  # noqa: E402
 
 TARGETS = {"sm80": GPUTarget("cuda", 80, 32), "sm90": GPUTarget("cuda", 90, 32), "gfx942": GPUTarget("hip", "gfx942", 64)}
 
@@ -42,14 +43,31 @@ def _jobs(quick: bool):
                               m_out="i32", kv="i32", cap_mask="i64"),
                          dict(NDIM=nd, TRANSPOSED=tr, BLOCK=256, TAPS=4), False))
             jobs.append((f"insert_outputs nd={nd} transposed={tr}", km._insert_outputs_kernel,
-                         dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", n="i32", kv="i32", cap_mask="i64"),
+                         dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", status_ptr="*i32", n="i32", kv="i32",
+                              cap_mask="i64"),
                          dict(NDIM=nd, TRANSPOSED=tr, BLOCK=256, TAPS=4), False))
         jobs.append((f"insert_sites nd={nd}", km._insert_sites_kernel,
-                     dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", vals_ptr="*i32", dup_ptr="*i32", n="i32",
+                     dict(idx_ptr="*i32", geo_ptr="*i64", keys_ptr="*i64", vals_ptr="*i32", status_ptr="*i32", n="i32",
                           cap_mask="i64"), dict(NDIM=nd, BLOCK=256), False))
         jobs.append((f"decode nd={nd}", km._decode_kernel,
                      dict(keys_ptr="*i64", out_idx_ptr="*i32", geo_ptr="*i64", m_out="i32"), dict(NDIM=nd, BLOCK=256),
                      False))
+    for dt in (("fp32",) if quick else ("fp32", "fp16", "bf16", "fp64")):
+        acc = tl.float64 if dt == "fp64" else tl.float32
+        blocks = dict(ACC=acc, BLOCK_R=tpool._BLOCK_ROWS, BLOCK_C=tpool._BLOCK_CHANNELS)
+        rows = dict(kv="i32", c="i32")
+        for floor in (False, True):
+            jobs.append((f"maxpool_forward {dt} zero_floor={floor}", tpool._maxpool_forward_kernel,
+                         dict(src_ptr=f"*{dt}", tab_ptr="*i32", out_ptr=f"*{dt}", arg_ptr="*i32", m="i32", **rows),
+                         dict(ZERO_FLOOR=floor, **blocks), False))
+        jobs.append((f"maxpool_backward {dt}", tpool._maxpool_backward_kernel,
+                     dict(grad_ptr=f"*{dt}", arg_ptr="*i32", tab_ptr="*i32", din_ptr=f"*{dt}", n="i32", **rows),
+                     blocks, False))
+        jobs.append((f"avgpool_forward {dt}", tpool._avgpool_forward_kernel,
+                     dict(src_ptr=f"*{dt}", tab_ptr="*i32", out_ptr=f"*{dt}", m="i32", **rows), blocks, False))
+        jobs.append((f"avgpool_backward {dt}", tpool._avgpool_backward_kernel,
+                     dict(grad_ptr=f"*{dt}", cnt_ptr="*i32", tab_ptr="*i32", din_ptr=f"*{dt}", n="i32", **rows),
+                     blocks, False))
     jobs.append(("invert", km._invert_kernel, dict(nbr_ptr="*i32", inv_ptr="*i32", m_out="i32", kv="i32"),
                  dict(BLOCK=256, TAPS=4), False))
     conv_types = dict(tab_ptr="*i32", n_dst="i32", kv="i32", cs="i32", cd="i32", CS_G="i32", CD_G="i32",

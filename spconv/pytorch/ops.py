@@ -1,21 +1,24 @@
-"""Kernel-map building and kernel dispatch by device.
+"""Kernel-map building and the sparse conv / pool kernels, through ``torch.ops.spconv.*``.
 
-CPU tensors run on the compiled extension (``torch.ops.spconv.*``); CUDA/ROCm tensors (and CPU tensors with
-``SPCONV_BACKEND=triton`` and ``TRITON_INTERPRET=1``) run on the Triton kernels of spconv.triton.
+PyTorch's dispatcher picks the kernel by device: CPU tensors run the compiled extension, CUDA/ROCm tensors the
+Triton kernels of spconv.triton (registered as the operators' CUDA kernels by spconv.triton.dispatch). CPU
+tensors run the Triton kernels in Triton's interpreter inside ``spconv.triton.dispatch.triton_on_cpu()`` (or
+with ``SPCONV_BACKEND=triton``), with ``TRITON_INTERPRET=1``.
 """
 import os
 from typing import List, Tuple
 
 import torch
 
-import spconv._C  # registers torch.ops.spconv.*
-import spconv.triton as _triton  # lazy: imports triton on first use of a kernel
-from spconv.triton.dispatch import use_triton
+import spconv._C  # registers torch.ops.spconv.* (schemas and CPU kernels)
+from spconv.triton import dispatch as _dispatch  # does not import triton
 from spconv.pytorch import _meta  # noqa: F401  (fake kernels for torch.compile)
 from spconv.pytorch import reference_maps
 from spconv.pytorch.reference_maps import linear_keys  # noqa: F401  (the one definition of site keys)
 
 _ops = torch.ops.spconv
+_dispatch.register_cuda_kernels()  # the Triton kernels are the CUDA kernels of torch.ops.spconv.*
+_dispatch.enable_from_environment()  # SPCONV_BACKEND=triton: Triton kernels on CPU tensors too (interpreter)
 
 # Large CPU tensors (>= 1 MB) come from spconv's caching allocator (src/cpu_allocator.cpp): freed blocks are
 # reused for requests of the same size instead of being unmapped by glibc and page-faulted again on the next
@@ -26,7 +29,7 @@ CACHING_ALLOCATOR = (os.environ.get("SPCONV_CPU_CACHING_ALLOCATOR", "1") != "0"
 
 
 def _check_device(t: torch.Tensor, what: str = "features"):
-    if t.device.type != "cpu" and not use_triton(t):
+    if t.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(
             f"spconv: {what} on device '{t.device}' are not supported: spconv runs on the CPU and on CUDA/ROCm "
             "GPUs (through Triton). Move the tensors and the model to one of those with .cpu() or .cuda().")
@@ -84,6 +87,8 @@ def get_deconv_output_size(input_size, kernel_size, stride, padding, dilation, o
 def _batch_size(indices: torch.Tensor, batch_size) -> int:
     if batch_size is not None:
         return int(batch_size)
+    if indices.device.type != "cpu":
+        return -1  # the Triton builders key sites by batch without needing the count: no host sync for it
     return int(indices[:, 0].max()) + 1 if indices.shape[0] > 0 else 1
 
 
@@ -95,8 +100,6 @@ def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_
     (SparseConvNet's rule, input = output - k // 2 + r) and grids of 5+ dimensions use reference_maps."""
     if len(spatial_shape) > MAX_COMPILED_DIM or any(int(k) % 2 == 0 for k in ksize):
         return reference_maps.build_subm_map(indices, spatial_shape, ksize, dilation)
-    if use_triton(indices):
-        return _triton.build_subm_map(indices, spatial_shape, ksize, dilation)
     _check_device(indices, "indices")
     return _ops.build_subm_map(indices.contiguous(), _batch_size(indices, batch_size), list(spatial_shape),
                                list(ksize), list(dilation))
@@ -108,8 +111,6 @@ def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, pa
     if len(in_shape) > MAX_COMPILED_DIM:
         return reference_maps.build_conv_map(indices, in_shape, out_shape, ksize, stride, padding, dilation,
                                              transposed)
-    if use_triton(indices):
-        return _triton.build_conv_map(indices, in_shape, out_shape, ksize, stride, padding, dilation, transposed)
     _check_device(indices, "indices")
     return _ops.build_conv_map(indices.contiguous(), _batch_size(indices, batch_size), list(in_shape),
                                list(out_shape), list(ksize), list(stride), list(padding), list(dilation),
@@ -120,16 +121,13 @@ def invert_map(table: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """Input-major table ``[num_inputs, K]`` of an output-major one."""
     if table.shape[0] == 0 or num_inputs == 0:
         return torch.full((int(num_inputs), table.shape[1]), -1, dtype=torch.int32, device=table.device)
-    if use_triton(table):
-        return _triton.invert_map(table, num_inputs)
+    _check_device(table, "neighbour tables")
     return _ops.invert_map(table, int(num_inputs))
 
 
 def gather_conv(features: torch.Tensor, table: torch.Tensor, weight: torch.Tensor, groups: int,
                 transpose_weight: bool) -> torch.Tensor:
     """``out[j] = sum_r W_r @ f[table[j, r]]`` with ``weight [C_out, K, C_in/groups]`` (``W_r^T`` if transposed)."""
-    if use_triton(features):
-        return _triton.gather_conv(features, table, weight, groups, transpose_weight)
     _check_device(features)
     return _ops.gather_conv(features, table, weight, int(groups), bool(transpose_weight))
 
@@ -137,16 +135,8 @@ def gather_conv(features: torch.Tensor, table: torch.Tensor, weight: torch.Tenso
 def gather_conv_weight_grad(features: torch.Tensor, table: torch.Tensor, out_grad: torch.Tensor,
                             groups: int) -> torch.Tensor:
     """``dW[:, r, :] = sum_j out_grad[j]^T f[table[j, r]]``, shape ``[C_out, K, C_in/groups]``."""
-    if use_triton(features):
-        return _triton.gather_conv_weight_grad(features, table, out_grad, groups)
     _check_device(features)
     return _ops.gather_conv_weight_grad(features, table, out_grad.contiguous(), int(groups))
-
-
-def _check_cpu_only(t: torch.Tensor, op: str):
-    if t.device.type != "cpu":
-        raise NotImplementedError(f"spconv: {op} has no kernel for device '{t.device}' yet (CPU only); "
-                                  "move the tensor to the CPU with .cpu()")
 
 
 def maxpool_forward(features: torch.Tensor, table: torch.Tensor,
@@ -156,20 +146,22 @@ def maxpool_forward(features: torch.Tensor, table: torch.Tensor,
     NaN propagates (as in ``torch.nn.functional.max_pool3d``). ``zero_floor=True`` gives spconv 2.x's
     ``max(0, max over inputs)``: where the floor wins the output is 0 and argmax -1 (no gradient).
     """
-    _check_cpu_only(features, "sparse max pooling")
+    _check_device(features)
     return _ops.maxpool_forward(features, table, bool(zero_floor))
 
 
 def maxpool_backward(out_grad: torch.Tensor, argmax: torch.Tensor, table_in: torch.Tensor) -> torch.Tensor:
     """Routes each output gradient to its argmax input row, through the input-major table."""
+    _check_device(out_grad, "gradients")
     return _ops.maxpool_backward(out_grad, argmax, table_in)
 
 
 def avgpool_forward(features: torch.Tensor, table: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Mean over the active taps: ``(out [N_out, C], active tap counts [N_out] int32)``."""
-    _check_cpu_only(features, "sparse average pooling")
+    _check_device(features)
     return _ops.avgpool_forward(features, table), _ops.active_counts(table)
 
 
 def avgpool_backward(out_grad: torch.Tensor, counts: torch.Tensor, table_in: torch.Tensor) -> torch.Tensor:
+    _check_device(out_grad, "gradients")
     return _ops.avgpool_backward(out_grad, counts, table_in)

@@ -1,12 +1,15 @@
-"""Triton backend of spconv: kernel maps and implicit-GEMM sparse convolution kernels.
+"""Triton backend of spconv: kernel maps, implicit-GEMM sparse convolution and pooling kernels.
 
 The functions mirror the CPU ops of :mod:`spconv.pytorch.ops` one for one (same signatures, same
 results): ``build_subm_map``, ``build_conv_map``, ``invert_map``, ``gather_conv``,
-``gather_conv_weight_grad``. They run on CUDA/ROCm tensors, and on CPU tensors in Triton's
-interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported.
+``gather_conv_weight_grad``, and the pooling ops ``maxpool_forward``, ``maxpool_backward``,
+``active_counts``, ``avgpool_forward``, ``avgpool_backward``. They run on CUDA/ROCm tensors, and on CPU tensors in Triton's
+interpreter when ``TRITON_INTERPRET=1`` was set before triton was imported. They are the CUDA kernels
+of the ``torch.ops.spconv.*`` operators (:mod:`spconv.triton.dispatch` registers them), so models reach
+them through PyTorch's dispatcher.
 
 Importing this package does not import triton: the kernels load on first use of one of the
-functions, so :func:`spconv.triton.dispatch.use_triton` is cheap and works without triton installed.
+functions, so :mod:`spconv.triton.dispatch` is cheap and works without triton installed.
 """
 import importlib
 
@@ -16,6 +19,11 @@ _FUNCTIONS = {
     "invert_map": "map_kernels",
     "gather_conv": "conv",
     "gather_conv_weight_grad": "conv",
+    "maxpool_forward": "pool",
+    "maxpool_backward": "pool",
+    "active_counts": "pool",
+    "avgpool_forward": "pool",
+    "avgpool_backward": "pool",
 }
 
 __all__ = list(_FUNCTIONS)

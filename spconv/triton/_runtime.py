@@ -1,5 +1,6 @@
-"""Shared helpers of the Triton backend: interpreter detection, argument checks, launch sizes."""
-import os
+"""Shared helpers of the Triton backend: interpreter detection, argument checks, launch sizes, device guard."""
+import contextlib
+import functools
 
 import torch
 import triton
@@ -18,6 +19,25 @@ def check_device(t: torch.Tensor, what: str):
             "to check the Triton kernels on the CPU, or unset SPCONV_BACKEND to use the compiled CPU kernels.")
     if t.device.type not in ("cpu", "cuda"):
         raise NotImplementedError(f"spconv.triton: {what} on device '{t.device}' are not supported (CUDA/ROCm only)")
+
+
+def device_guard(t: torch.Tensor):
+    """``torch.cuda.device(t.device)`` for a CUDA tensor (Triton launches on the current device: a model on
+    ``cuda:1`` while ``cuda:0`` is current must launch on ``cuda:1``), a no-op context for CPU tensors."""
+    if t.device.type == "cuda":
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def on_tensor_device(fn):
+    """Run ``fn(t, ...)`` under :func:`device_guard` of its first argument (every entry point of the backend
+    takes the tensor whose device it launches on first)."""
+    @functools.wraps(fn)
+    def wrapper(t, *args, **kwargs):
+        with device_guard(t):
+            return fn(t, *args, **kwargs)
+    wrapper.device_guarded = True
+    return wrapper
 
 
 def check_indices(indices: torch.Tensor, ndim: int) -> torch.Tensor:

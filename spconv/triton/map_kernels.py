@@ -4,8 +4,10 @@ Sites are keyed by an int64 linear key ``((batch * s0 + c0) * s1 + c1) ...`` (ba
 dimension fastest, as ``linear_key`` in ``include/spconv/geometry.h``). The input sites go into an
 open-addressing hash table (power-of-two capacity >= 2N, linear probing, slots claimed with
 ``tl.atomic_cas``; the value array holds the row). Every step is one kernel launch over all rows and
-taps at once; the host synchronises only to learn how many output sites a strided/transposed conv
-has and to report duplicate input sites.
+taps at once. Probes are bounded by the capacity: a full table (which the capacities below rule out)
+sets an error flag instead of looping forever. The kernels write a small status vector (duplicate row,
+table-full flag, number of output sites); the host reads it once per map (the one host sync: duplicate
+sites and a full table raise, a strided/transposed conv needs its output count).
 
 - ``build_subm_map``: nbr[j, r] = row of ``y - pad + o_r * dil`` (pad = (k // 2) * dil), or -1.
 - ``build_conv_map``: the outputs every input reaches (a second hash set of output keys), sorted
@@ -20,9 +22,11 @@ import torch
 import triton
 import triton.language as tl
 
-from spconv.triton._runtime import INTERPRET, check_indices, geometry, next_pow2
+from spconv.triton._runtime import INTERPRET, check_indices, geometry, next_pow2, on_tensor_device
 
 _EMPTY = -1
+# status vector (int32) written by the kernels, read once per map by the host
+_DUP, _FULL, _COUNT = 0, 1, 2
 # Lanes per program. A program of the per-tap kernels covers BLOCK // TAPS rows x TAPS taps (lane l is
 # row l // TAPS, tap l % TAPS). The interpreter runs each program as Python, so it gets fewer, larger ones.
 _BLOCK = 4096 if INTERPRET else 256
@@ -125,10 +129,13 @@ def _tap_site(c0, c1, c2, c3, geo_ptr, r, NDIM: tl.constexpr, FROM_OUTPUT: tl.co
 
 @triton.jit
 def _hash_insert(keys_ptr, key, active, cap_mask):
-    """Insert keys (lanes where ``active``); returns (slot, inserted, already_present) per lane."""
+    """Insert keys (lanes where ``active``); returns (slot, inserted, already_present, table_full) per lane.
+    A lane gives up (``table_full``) after probing every slot."""
     slot = _hash(key) & cap_mask
     inserted = tl.zeros(key.shape, dtype=tl.int1)
     present = tl.zeros(key.shape, dtype=tl.int1)
+    full = tl.zeros(key.shape, dtype=tl.int1)
+    probes = tl.zeros(key.shape, dtype=tl.int32)  # per lane (a scalar counter trips the interpreter)
     while tl.max(active.to(tl.int32), axis=0) > 0:
         # Inactive lanes compare against -2, which no slot ever holds: their CAS never writes.
         cmp = tl.where(active, -1, -2).to(tl.int64)
@@ -138,34 +145,43 @@ def _hash_insert(keys_ptr, key, active, cap_mask):
         inserted = inserted | ins
         present = present | dup
         active = active & ~(ins | dup)
+        probes += 1
+        gave_up = active & (probes > cap_mask)  # every slot probed: the table is full
+        full = full | gave_up
+        active = active & ~gave_up
         slot = tl.where(active, (slot + 1) & cap_mask, slot)
-    return slot, inserted, present
+    return slot, inserted, present, full
 
 
 @triton.jit
 def _hash_find(keys_ptr, vals_ptr, key, active, cap_mask):
-    """Value stored for each key, or -1 (lanes where ``active``; others get -1)."""
+    """Value stored for each key, or -1 (lanes where ``active``; others get -1). At most capacity probes."""
     slot = _hash(key) & cap_mask
     found = tl.full(key.shape, -1, tl.int32)
+    probes = tl.zeros(key.shape, dtype=tl.int32)  # per lane (a scalar counter trips the interpreter)
     while tl.max(active.to(tl.int32), axis=0) > 0:
         cur = tl.load(keys_ptr + slot, mask=active, other=-1)
         hit = active & (cur == key)
         found = tl.where(hit, tl.load(vals_ptr + slot, mask=hit, other=-1), found)
+        probes += 1
         active = active & (cur != key) & (cur != -1)
+        active = active & (probes <= cap_mask)  # stop after every slot was probed (only in a full table)
         slot = (slot + 1) & cap_mask
     return found
 
 
 @triton.jit
-def _insert_sites_kernel(idx_ptr, geo_ptr, keys_ptr, vals_ptr, dup_ptr, n, cap_mask,
+def _insert_sites_kernel(idx_ptr, geo_ptr, keys_ptr, vals_ptr, status_ptr, n, cap_mask,
                          NDIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Insert the input sites: status[DUP] = max row that repeats a site, status[FULL] = 1 if the table filled."""
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = rows < n
     b, c0, c1, c2, c3 = _load_site(idx_ptr, rows, m, NDIM)
     key = _linear_key(b, c0, c1, c2, c3, geo_ptr, NDIM)  # geo row 0: the input shape
-    slot, inserted, present = _hash_insert(keys_ptr, key, m, cap_mask)
+    slot, inserted, present, full = _hash_insert(keys_ptr, key, m, cap_mask)
     tl.store(vals_ptr + slot, rows, mask=inserted)
-    tl.atomic_max(dup_ptr + tl.zeros_like(rows), rows, mask=present)
+    tl.atomic_max(status_ptr + tl.zeros_like(rows), rows, mask=present)  # status[0]
+    tl.atomic_max(status_ptr + 1 + tl.zeros_like(rows), tl.full(rows.shape, 1, tl.int32), mask=full)
 
 
 @triton.jit
@@ -178,15 +194,17 @@ def _row_tap_lanes(n, kv, BLOCK: tl.constexpr, TAPS: tl.constexpr):
 
 
 @triton.jit
-def _insert_outputs_kernel(idx_ptr, geo_ptr, keys_ptr, n, kv, cap_mask,
+def _insert_outputs_kernel(idx_ptr, geo_ptr, keys_ptr, status_ptr, n, kv, cap_mask,
                            NDIM: tl.constexpr, TRANSPOSED: tl.constexpr, BLOCK: tl.constexpr, TAPS: tl.constexpr):
-    """Insert the output key each input reaches through each tap."""
+    """Insert the output key each input reaches through each tap: status[COUNT] += new keys, status[FULL]."""
     rows, r, m = _row_tap_lanes(n, kv, BLOCK, TAPS)
     b, c0, c1, c2, c3 = _load_site(idx_ptr, rows, m, NDIM)
     y0, y1, y2, y3, ok = _tap_site(c0, c1, c2, c3, geo_ptr, r, NDIM, False, TRANSPOSED)
     ok = ok & m
     key = _linear_key(b, y0, y1, y2, y3, geo_ptr + 4, NDIM)  # geo row 1: the output shape
-    _hash_insert(keys_ptr, key, ok, cap_mask)
+    _, inserted, _, full = _hash_insert(keys_ptr, key, ok, cap_mask)
+    tl.atomic_add(status_ptr + 2, tl.sum(inserted.to(tl.int32), axis=0))
+    tl.atomic_max(status_ptr + 1 + tl.zeros_like(rows), tl.full(rows.shape, 1, tl.int32), mask=full)
 
 
 @triton.jit
@@ -235,21 +253,40 @@ def _invert_kernel(nbr_ptr, inv_ptr, m_out, kv, BLOCK: tl.constexpr, TAPS: tl.co
 
 
 # ------------------------------------------------------------------------------------------------
-def _site_table(indices: torch.Tensor, geo: torch.Tensor, ndim: int) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Hash table of the input sites: (keys int64 [cap], rows int32 [cap], cap_mask); rejects duplicates."""
+def _capacity(entries: int) -> int:
+    """Hash table slots for at most ``entries`` keys: a power of two, at least twice as many (load <= 1/2)."""
+    return next_pow2(max(16, 2 * entries))
+
+
+def _new_status(device) -> torch.Tensor:
+    return torch.tensor([-1, 0, 0], dtype=torch.int32, device=device)  # [DUP, FULL, COUNT]
+
+
+def _read_status(status: torch.Tensor, what: str):
+    """The one host read of a map build: raises for duplicate sites or a full hash table; returns the count."""
+    dup, full, count = status.tolist()
+    if full:
+        raise RuntimeError(f"spconv.triton: the hash table of {what} is full (every slot probed); its capacity is "
+                           "sized to make this impossible, so this is a bug in spconv: please report it with the "
+                           "layer's geometry and number of sites")
+    if dup >= 0:
+        raise ValueError(f"spconv: indices contain duplicate sites (row {dup} repeats another row's "
+                         "(batch, coordinate)); merge duplicates first, e.g. with torch.unique(indices, dim=0, "
+                         "return_inverse=True) and a scatter-add of the features")
+    return count
+
+
+def _site_table(indices: torch.Tensor, geo: torch.Tensor, ndim: int,
+                status: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """Hash table of the input sites: (keys int64 [cap], rows int32 [cap], cap_mask); duplicates and a full
+    table are flagged in ``status`` (read by :func:`_read_status`)."""
     n = indices.shape[0]
-    cap = next_pow2(max(16, 2 * n))
+    cap = _capacity(n)
     keys = torch.full((cap,), _EMPTY, dtype=torch.int64, device=indices.device)
     vals = torch.full((cap,), -1, dtype=torch.int32, device=indices.device)
-    dup = torch.full((1,), -1, dtype=torch.int32, device=indices.device)
     if n:
-        _insert_sites_kernel[(triton.cdiv(n, _BLOCK),)](indices, geo, keys, vals, dup, n, cap - 1, NDIM=ndim,
+        _insert_sites_kernel[(triton.cdiv(n, _BLOCK),)](indices, geo, keys, vals, status, n, cap - 1, NDIM=ndim,
                                                         BLOCK=_BLOCK)
-        row = int(dup.item())
-        if row >= 0:
-            raise ValueError(f"spconv: indices contain duplicate sites (row {row} repeats another row's "
-                             "(batch, coordinate)); merge duplicates first, e.g. with torch.unique(indices, dim=0, "
-                             "return_inverse=True) and a scatter-add of the features")
     return keys, vals, cap - 1
 
 
@@ -264,6 +301,7 @@ def _lookup_table(out_indices, geo, keys, vals, cap_mask, kv, ndim, transposed) 
     return nbr
 
 
+@on_tensor_device
 def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_size=None) -> torch.Tensor:
     """Output-major SubM neighbour table ``[N, K]`` int32 (output sites == input sites)."""
     ndim = len(spatial_shape)
@@ -273,7 +311,10 @@ def build_subm_map(indices: torch.Tensor, spatial_shape, ksize, dilation, batch_
     kv = 1
     for k in ksize:
         kv *= int(k)
-    keys, vals, cap_mask = _site_table(indices, geo, ndim)
+    status = _new_status(indices.device)
+    keys, vals, cap_mask = _site_table(indices, geo, ndim, status)
+    if indices.shape[0]:
+        _read_status(status, "input sites")
     return _lookup_table(indices, geo, keys, vals, cap_mask, kv, ndim, False)
 
 
@@ -286,6 +327,7 @@ def _outputs_per_input(ksize, stride, dilation, transposed: bool) -> int:
     return bound
 
 
+@on_tensor_device
 def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, padding, dilation,
                    transposed: bool, batch_size=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Regular or transposed conv: ``(out_indices [M, 1+D] sorted by (batch, coords), table [M, K])``."""
@@ -297,19 +339,26 @@ def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, pa
     for k in ksize:
         kv *= int(k)
     n = indices.shape[0]
-    keys, vals, cap_mask = _site_table(indices, geo, ndim)
+    status = _new_status(indices.device)
+    keys, vals, cap_mask = _site_table(indices, geo, ndim, status)
 
-    out_cap = next_pow2(max(16, 2 * n * _outputs_per_input(ksize, stride, dilation, transposed)))
+    out_cap = _capacity(n * _outputs_per_input(ksize, stride, dilation, transposed))
     out_keys = torch.full((out_cap,), _EMPTY, dtype=torch.int64, device=indices.device)
+    m = 0
     if n:
         taps = _taps_per_program(kv)
         grid = (triton.cdiv(n, _BLOCK // taps), triton.cdiv(kv, taps))
-        _insert_outputs_kernel[grid](indices, geo, out_keys, n, kv, out_cap - 1, NDIM=ndim, TRANSPOSED=transposed,
-                                     BLOCK=_BLOCK, TAPS=taps)
-    out_keys = torch.sort(out_keys[out_keys != _EMPTY]).values  # the one host sync: the output count
-    m = out_keys.numel()
-    if m >= 2 ** 31:
-        raise ValueError("spconv: more than 2^31-1 output sites")
+        _insert_outputs_kernel[grid](indices, geo, out_keys, status, n, kv, out_cap - 1, NDIM=ndim,
+                                     TRANSPOSED=transposed, BLOCK=_BLOCK, TAPS=taps)
+        m = _read_status(status, "input sites or output sites")  # the one host sync: errors and output count
+        # compaction on the device at the known count (a boolean mask index would sync again)
+        valid = out_keys != _EMPTY
+        dest = torch.where(valid, torch.cumsum(valid, 0) - 1, m)  # slot m collects the empty slots
+        compact = torch.empty(m + 1, dtype=torch.int64, device=indices.device)
+        compact.scatter_(0, dest, out_keys)
+        out_keys = torch.sort(compact[:m]).values
+    else:
+        out_keys = out_keys[:0]
     out_indices = torch.empty((m, ndim + 1), dtype=torch.int32, device=indices.device)
     if m:
         _decode_kernel[(triton.cdiv(m, _BLOCK),)](out_keys, out_indices, geo, m, NDIM=ndim, BLOCK=_BLOCK)
@@ -317,6 +366,7 @@ def build_conv_map(indices: torch.Tensor, in_shape, out_shape, ksize, stride, pa
     return out_indices, nbr
 
 
+@on_tensor_device
 def invert_map(table: torch.Tensor, num_inputs: int) -> torch.Tensor:
     """Input-major table ``[num_inputs, K]`` of an output-major one."""
     if table.dim() != 2 or table.dtype != torch.int32:
