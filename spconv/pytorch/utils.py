@@ -76,8 +76,9 @@ def point_to_voxel(points: torch.Tensor, vsize: List[float], grid_size: List[int
     pc_voxel_id [N] int64, num_invalid_points int)``.
     """
     if points.device.type != "cpu":
-        raise NotImplementedError(f"PointToVoxel: points on '{points.device}' are not supported: this build has "
-                                  "only the CPU backend; move them with .cpu()")
+        raise NotImplementedError(f"PointToVoxel: points on '{points.device}' are not supported yet (PointToVoxel has "
+                                  "no GPU kernel, only a CPU one); voxelise on the CPU with points.cpu() and move "
+                                  "the voxels to the device")
     return torch.ops.spconv.point_to_voxel(points, [float(v) for v in vsize], [int(g) for g in grid_size],
                                            [float(v) for v in coors_range], int(max_num_voxels),
                                            int(max_num_points_per_voxel), bool(empty_mean))
@@ -112,8 +113,8 @@ class PointToVoxel:
                  max_num_voxels: int, max_num_points_per_voxel: int, device: torch.device = torch.device("cpu:0")):
         self.device = torch.device(device)
         if self.device.type != "cpu":
-            raise NotImplementedError(f"PointToVoxel on '{self.device}' is not supported: this build has only the "
-                                      "CPU backend; use device='cpu'")
+            raise NotImplementedError(f"PointToVoxel on '{self.device}' is not supported yet (PointToVoxel has no GPU "
+                                      "kernel, only a CPU one); use device='cpu' and move the voxels to the device")
         vsize, grid_size, grid_stride, coors_range = calc_point2voxel_meta_data(vsize_xyz, coors_range_xyz)
         self.ndim = len(vsize)
         if int(num_point_features) < self.ndim:
