@@ -42,8 +42,8 @@ class HashTable:
                  max_size: int = -1) -> None:
         device = torch.device(device)
         if device.type != "cpu":
-            raise NotImplementedError(f"HashTable on '{device}' is not supported: this build has only the CPU "
-                                      "backend; use device='cpu'")
+            raise NotImplementedError(f"HashTable on '{device}' is not supported yet (HashTable has no GPU kernel, "
+                                      "only a CPU one); use device='cpu'")
         if key_dtype not in _KEY_DTYPES:
             raise ValueError(f"HashTable: key_dtype must be torch.int32 or torch.int64, got {key_dtype}")
         if value_dtype not in _TORCH_DTYPE_TO_ITEMSIZE:
