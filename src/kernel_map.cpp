@@ -141,6 +141,7 @@ int64_t max_key(int64_t batch_size, const Coord& shape, int ndim) {
 struct SortedSites {
   std::vector<int64_t> keys;
   std::vector<int32_t> rows;
+  bool presorted = false;  // the sites came sorted: rows[i] == i
 };
 
 SortedSites sort_sites(const at::Tensor& indices, const Coord& shape, int ndim, int64_t batch_size) {
@@ -167,7 +168,10 @@ SortedSites sort_sites(const at::Tensor& indices, const Coord& shape, int ndim, 
         return;
       }
   });
-  if (increasing.load()) return s;
+  if (increasing.load()) {
+    s.presorted = true;
+    return s;
+  }
   radix_sort(s.keys, s.rows, max_key(batch_size, shape, ndim));
   for (int64_t i = 1; i < n; ++i) {
     TORCH_CHECK_VALUE(s.keys[i] != s.keys[i - 1], "spconv: indices contain duplicate sites (rows ",
@@ -371,17 +375,20 @@ bool fits_dense_line(const ConvGeometry& g, bool transposed, int64_t sites) {
   return dense_line_size(g, transposed) <= std::max<int64_t>(int64_t(1) << 20, 4 * sites);
 }
 
-// Fills nbr through the row index. Outputs are visited in the order o = 0..m-1 with row j = order[o] (or
-// o) and coordinates coords[j] ([b, y...] int32), which must group outputs of one grid row (all
-// dimensions but the last) together, as sorted sites do. For each such run of outputs and each tap row
-// (the kernel offsets of all dimensions but the last), the single input row it reads is spread into a
-// dense per-thread line indexed by the last coordinate (with margins that read as -1, so taps that fall
-// off the grid need no test); every tap along the last dimension is then one load.
+// Fills nbr through the row index. Outputs are visited in increasing key order o = 0..m-1: out_keys[o] is the
+// sorted key of output o in the output grid (batch, g.out_shape). Either coords ([M, 1 + D], rows in that same
+// order) gives their coordinates and table row o, or order gives table row order[o] and the runs of outputs in
+// one grid row (all dimensions but the last) are found and decoded from the keys, so that outputs in a random
+// row order (the first layer's raw voxel order) cost no random reads. For each run and each tap row
+// (the kernel offsets of all dimensions but the last), the single input row it reads is spread into a dense
+// per-thread line indexed by the last coordinate (with margins that read as -1, so taps that fall off the
+// grid need no test); every tap along the last dimension is then one load. A run's table rows are filled in a
+// small per-thread buffer and, with an order, copied out row by row: one write of each whole row.
 template <bool kTransposed>
-void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri, int64_t m, const int32_t* coords,
-                const int32_t* order, int32_t* nbr) {
+void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri, int64_t m, const int64_t* out_keys,
+                const int32_t* coords, const int32_t* order, int32_t* nbr) {
   const int ndim = g.ndim, last = ndim - 1;
-  const int64_t kv = g.kernel_volume, k_last = g.ksize[last];
+  const int64_t kv = g.kernel_volume, k_last = g.ksize[last], x_out = g.out_shape[last];
   const int64_t s_last = g.stride[last], p_last = g.padding[last], d_last = g.dilation[last];
   // line[margin + x] holds input x; non-transposed taps read x = y * s - p + rl * dil in
   // [-p, (out - 1) * s - p + (k - 1) * dil], transposed ones an x in [0, in) or none
@@ -390,12 +397,6 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
   const int32_t* rows = in.rows.data();
   const int32_t* start = ri.start.data();
   const int32_t* xs = ri.last.data();
-  auto row_of = [&](int64_t o) { return order ? int64_t(order[o]) : o; };
-  auto same_row = [&](const int32_t* a, const int32_t* b) {
-    for (int d = 0; d < ndim; ++d)  // batch and all dimensions but the last
-      if (a[d] != b[d]) return false;
-    return true;
-  };
   // per tap row (kernel offsets of all dimensions but the last): its key offset in input-row units
   const int64_t tap_rows = kv / k_last;
   std::vector<int64_t> row_delta(tap_rows, 0);
@@ -414,15 +415,50 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
   at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> line_buf(line_size, -1);
     int32_t* line = line_buf.data() + margin;
+    std::vector<int32_t> run_buf;  // the run's table rows, when they go to rows in a given order
+    Coord c0{};                    // the run's output coordinates but the last, and its batch
+    int64_t b0 = 0, grid_row = -1;
     for (int64_t run0 = begin; run0 < end;) {
-      const int32_t* c0 = coords + row_of(run0) * (ndim + 1);
-      int64_t run1 = run0 + 1;
-      while (run1 < end && same_row(coords + row_of(run1) * (ndim + 1), c0)) ++run1;
-      for (int64_t o = run0; o < run1; ++o) std::fill_n(nbr + row_of(o) * kv, kv, -1);
+      int64_t run1 = run0 + 1, row_key = 0;
+      if (coords) {  // rows in increasing order: the coordinates are read in order too
+        const int32_t* r0 = coords + run0 * (ndim + 1);
+        auto same_row = [&](const int32_t* a) {
+          for (int d = 0; d < ndim; ++d)  // batch and all dimensions but the last
+            if (a[d] != r0[d]) return false;
+          return true;
+        };
+        while (run1 < end && same_row(coords + run1 * (ndim + 1))) ++run1;
+        b0 = r0[0];
+        for (int d = 0; d < last; ++d) c0[d] = r0[1 + d];
+        row_key = out_keys[run0] - r0[ndim];
+      } else {  // from the keys: one division per run, and the row coordinates carried from the last run
+        const int64_t next_row = out_keys[run0] / x_out;
+        row_key = next_row * x_out;
+        while (run1 < end && out_keys[run1] < row_key + x_out) ++run1;
+        const int64_t step = next_row - grid_row;
+        if (grid_row >= 0 && last > 0 && c0[last - 1] + step < g.out_shape[last - 1]) {
+          c0[last - 1] += step;  // same plane (batch and all dimensions but the last two)
+        } else {
+          int64_t rest = next_row;
+          for (int d = last - 1; d >= 0; --d) {
+            c0[d] = rest % g.out_shape[d];
+            rest /= g.out_shape[d];
+          }
+          b0 = rest;
+        }
+        grid_row = next_row;
+      }
+      const int64_t run_len = run1 - run0;
+      int32_t* cells0 = nbr + run0 * kv;
+      if (order) {
+        if (static_cast<int64_t>(run_buf.size()) < run_len * kv) run_buf.resize(run_len * kv);
+        cells0 = run_buf.data();
+      }
+      std::fill_n(cells0, run_len * kv, -1);
       Coord origin{};  // non-transposed: the input row coordinates of tap row 0, per dimension
-      uint64_t base = uint64_t(c0[0]) * uint64_t(batch_rows);
+      uint64_t base = uint64_t(b0) * uint64_t(batch_rows);
       for (int d = 0; d < last; ++d) {
-        origin[d] = int64_t(c0[1 + d]) * g.stride[d] - g.padding[d];
+        origin[d] = c0[d] * g.stride[d] - g.padding[d];
         base += uint64_t(origin[d]) * uint64_t(row_stride[d]);
       }
       for (int64_t t = 0; t < tap_rows; ++t) {
@@ -430,9 +466,9 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
         int64_t r;
         bool inside = true;
         if (kTransposed) {
-          r = c0[0];
+          r = b0;
           for (int d = 0; d < last; ++d) {
-            const int64_t x = input_coord(g, true, d, c0[1 + d], g.offsets[row0][d]);
+            const int64_t x = input_coord(g, true, d, c0[d], g.offsets[row0][d]);
             inside &= x >= 0;
             r = r * g.in_shape[d] + x;
           }
@@ -448,9 +484,8 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
         if (lo == hi) continue;  // no input in that row: the cells stay -1
         for (int32_t q = lo; q < hi; ++q) line[xs[q]] = rows[q];
         for (int64_t o = run0; o < run1; ++o) {
-          const int64_t j = row_of(o);
-          const int64_t y = coords[j * (ndim + 1) + ndim];
-          int32_t* cells = nbr + j * kv + row0;
+          const int64_t y = out_keys[o] - row_key;
+          int32_t* cells = cells0 + (o - run0) * kv + row0;
           if (kTransposed) {
             for (int64_t rl = 0; rl < k_last; ++rl) {
               const int64_t x = input_coord(g, true, last, y, rl);
@@ -463,17 +498,20 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
         }
         for (int32_t q = lo; q < hi; ++q) line[xs[q]] = -1;
       }
+      if (order)
+        for (int64_t o = run0; o < run1; ++o)
+          std::copy_n(cells0 + (o - run0) * kv, kv, nbr + int64_t(order[o]) * kv);
       run0 = run1;
     }
   });
 }
 
 void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, const RowIndex& ri, int64_t m,
-                const int32_t* coords, const int32_t* order, int32_t* nbr) {
+                const int64_t* out_keys, const int32_t* coords, const int32_t* order, int32_t* nbr) {
   if (transposed) {
-    merge_rows<true>(g, in, ri, m, coords, order, nbr);
+    merge_rows<true>(g, in, ri, m, out_keys, coords, order, nbr);
   } else {
-    merge_rows<false>(g, in, ri, m, coords, order, nbr);
+    merge_rows<false>(g, in, ri, m, out_keys, coords, order, nbr);
   }
 }
 
@@ -490,7 +528,9 @@ at::Tensor build_subm_map(const at::Tensor& indices_in, int64_t batch_size, at::
   at::Tensor nbr = at::empty({indices.size(0), g.kernel_volume}, indices.options());
   RowIndex ri;
   if (fits_dense_line(g, false, indices.size(0)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
-    merge_rows(g, false, in, ri, indices.size(0), indices.data_ptr<int32_t>(), in.rows.data(), nbr.data_ptr<int32_t>());
+    // sites that came sorted are read in order; others through the sort's order, from their keys
+    merge_rows(g, false, in, ri, indices.size(0), in.keys.data(), in.presorted ? indices.data_ptr<int32_t>() : nullptr,
+               in.presorted ? nullptr : in.rows.data(), nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, false, in, in.keys, in.rows.data(), nbr.data_ptr<int32_t>());
   }
@@ -498,14 +538,24 @@ at::Tensor build_subm_map(const at::Tensor& indices_in, int64_t batch_size, at::
 }
 
 // 64-bit popcount; with the POPCNT instruction where the CPU has it (the build targets baseline x86-64)
+// (one dispatch per block of words, not per word)
+inline int64_t count_bits_sw(const uint64_t* w, int64_t n) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += __builtin_popcountll(w[i]);
+  return c;
+}
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("popcnt"))) int64_t popcount_hw(uint64_t x) { return __builtin_popcountll(x); }
-int64_t popcount64(uint64_t x) {
+__attribute__((target("popcnt"))) int64_t count_bits_hw(const uint64_t* w, int64_t n) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += __builtin_popcountll(w[i]);
+  return c;
+}
+int64_t count_bits(const uint64_t* w, int64_t n) {
   static const bool has = __builtin_cpu_supports("popcnt");
-  return has ? popcount_hw(x) : __builtin_popcountll(x);
+  return has ? count_bits_hw(w, n) : count_bits_sw(w, n);
 }
 #else
-inline int64_t popcount64(uint64_t x) { return __builtin_popcountll(x); }
+inline int64_t count_bits(const uint64_t* w, int64_t n) { return count_bits_sw(w, n); }
 #endif
 
 int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
@@ -599,15 +649,17 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     const int64_t copies = threads > 1 && threads * words <= (int64_t(1) << 22) ? threads : 1;
     std::vector<uint64_t> bitmap(words * copies, 0);
     uint64_t* bm = bitmap.data();
+    // Sites are visited in key order (through the sorted rows), so that the bits they set lie close together.
+    const int32_t* sorted_rows = in.rows.data();
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       auto local = make_local();
-      if (copies > 1) {
-        uint64_t* mine = bm + at::get_thread_num() * words;
+      if (copies > 1 || threads == 1) {  // a bitmap per thread, or one thread: no atomics
+        uint64_t* mine = bm + (copies > 1 ? at::get_thread_num() * words : 0);
         for (int64_t i = begin; i < end; ++i)
-          for_each_reached(i, local, [&](int64_t key) { mine[key >> 6] |= uint64_t(1) << (key & 63); });
+          for_each_reached(sorted_rows[i], local, [&](int64_t key) { mine[key >> 6] |= uint64_t(1) << (key & 63); });
       } else {
         for (int64_t i = begin; i < end; ++i)
-          for_each_reached(i, local, [&](int64_t key) {
+          for_each_reached(sorted_rows[i], local, [&](int64_t key) {
             const uint64_t bit = uint64_t(1) << (key & 63);
             if (!(__atomic_load_n(bm + (key >> 6), __ATOMIC_RELAXED) & bit))
               __atomic_fetch_or(bm + (key >> 6), bit, __ATOMIC_RELAXED);
@@ -619,12 +671,12 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     std::vector<int64_t> offset(blocks + 1, 0);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        int64_t c = 0;
-        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w) {
-          for (int64_t t = 1; t < copies; ++t) bm[w] |= bm[t * words + w];
-          c += popcount64(bm[w]);
+        const int64_t w0 = blk * kBlock, w1 = std::min(words, w0 + kBlock);
+        for (int64_t t = 1; t < copies; ++t) {
+          const uint64_t* other = bm + t * words;
+          for (int64_t w = w0; w < w1; ++w) bm[w] |= other[w];
         }
-        offset[blk + 1] = c;
+        offset[blk + 1] = count_bits(bm + w0, w1 - w0);
       }
     });
     for (int64_t blk = 0; blk < blocks; ++blk) offset[blk + 1] += offset[blk];
@@ -680,7 +732,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
   at::Tensor nbr = at::empty({m, g.kernel_volume}, indices.options());
   RowIndex ri;
   if (fits_dense_line(g, transposed, std::max(n, m)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
-    merge_rows(g, transposed, in, ri, m, oidx, nullptr, nbr.data_ptr<int32_t>());
+    merge_rows(g, transposed, in, ri, m, keys.data(), oidx, nullptr, nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());
   }
