@@ -13,6 +13,9 @@
 
 #include <algorithm>
 #include <atomic>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -129,6 +132,26 @@ void check_geometry(const char* op, int ndim, int64_t batch_size, at::IntArrayRe
     TORCH_CHECK_VALUE(span < (__int128(1) << 62), "spconv.", op, ": dimension ", d,
                       " reaches coordinates beyond 2^62", geometry, ": reduce the stride or dilation");
   }
+}
+
+// A new table of >= 1 MB whose pages the kernel has not mapped yet (a fresh mmap from the allocator) would take
+// one page fault per 4 KB page while the builder writes it, at a few microseconds each in a virtual machine:
+// MADV_POPULATE_WRITE (Linux 5.14+) maps them all in one call. It is only asked for when the block's first
+// whole page is not mapped (mincore), as in a fresh block: on mapped pages it would cost a walk of each. Where
+// either call is not supported it fails harmlessly and the pages fault as before.
+at::Tensor new_table(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({rows, cols}, options);
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  const size_t bytes = static_cast<size_t>(t.numel()) * sizeof(int32_t);
+  if (bytes >= (size_t(1) << 20)) {
+    const uintptr_t page = 4096, lo = (reinterpret_cast<uintptr_t>(t.data_ptr()) + page - 1) & ~(page - 1);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(page - 1);
+    unsigned char resident = 1;
+    if (hi > lo && mincore(reinterpret_cast<void*>(lo), page, &resident) == 0 && !(resident & 1))
+      madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+  }
+#endif
+  return t;
 }
 
 int64_t max_key(int64_t batch_size, const Coord& shape, int ndim) {
@@ -491,6 +514,11 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
               const int64_t x = input_coord(g, true, last, y, rl);
               cells[rl] = x >= 0 ? line[x] : -1;
             }
+          } else if (k_last == 3 && d_last == 1) {  // the common 3-wide kernel: three plain copies
+            const int32_t* window = line + (y * s_last - p_last);
+            cells[0] = window[0];
+            cells[1] = window[1];
+            cells[2] = window[2];
           } else {
             const int32_t* window = line + (y * s_last - p_last);
             for (int64_t rl = 0; rl < k_last; ++rl) cells[rl] = window[rl * d_last];
@@ -525,7 +553,7 @@ at::Tensor build_subm_map(const at::Tensor& indices_in, int64_t batch_size, at::
   for (int d = 0; d < ndim; ++d) pad[d] = (ksize[d] / 2) * dilation[d];
   ConvGeometry g(ndim, spatial_shape, spatial_shape, ksize, ones, pad, dilation);
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
-  at::Tensor nbr = at::empty({indices.size(0), g.kernel_volume}, indices.options());
+  at::Tensor nbr = new_table(indices.size(0), g.kernel_volume, indices.options());
   RowIndex ri;
   if (fits_dense_line(g, false, indices.size(0)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
     // sites that came sorted are read in order; others through the sort's order, from their keys
@@ -572,7 +600,6 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
   const at::Tensor indices = check_indices(indices_in, ndim, batch_size, in_shape, "build_conv_map", "in_shape");
   ConvGeometry g(ndim, in_shape, out_shape, ksize, stride, padding, dilation);
   const int64_t n = indices.size(0);
-  const int32_t* idx = indices.data_ptr<int32_t>();
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
 
   // every output key any input reaches, per thread, then one sort-unique. Per dimension d and input
@@ -607,22 +634,23 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     reach[d].resize(g.in_shape[d] * g.ksize[d]);
     for (int64_t x = 0; x < g.in_shape[d]; ++x) reach_of(d, x, reach[d].data() + x * g.ksize[d]);
   }
-  // calls emit(key) for every output key input i reaches (cartesian product of the per-dimension lists)
-  auto for_each_reached = [&](int64_t i, std::array<std::vector<int64_t>, kMaxDim>& local, auto&& emit) {
-    const int32_t* row = idx + i * (ndim + 1);
+  // calls emit(key) for every output key the input site (batch, c) reaches (cartesian product of the
+  // per-dimension lists)
+  auto for_each_reached = [&](int64_t batch, const Coord& c, std::array<std::vector<int64_t>, kMaxDim>& local,
+                              auto&& emit) {
     const int64_t* lists[kMaxDim] = {};
     bool any = true;
     for (int d = 0; d < ndim; ++d) {
       if (reach[d].empty()) {
-        reach_of(d, row[1 + d], local[d].data());
+        reach_of(d, c[d], local[d].data());
         lists[d] = local[d].data();
       } else {
-        lists[d] = reach[d].data() + int64_t(row[1 + d]) * g.ksize[d];
+        lists[d] = reach[d].data() + c[d] * g.ksize[d];
       }
       any &= lists[d][0] >= 0;
     }
     if (!any) return;
-    const int64_t base = int64_t(row[0]) * out_volume;
+    const int64_t base = batch * out_volume;
     std::array<int64_t, kMaxDim> digit{};  // odometer over ndim <= 4 digits
     while (true) {
       int64_t key = base;
@@ -631,6 +659,23 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
       int d = ndim - 1;
       while (d >= 0 && (++digit[d] == g.ksize[d] || lists[d][digit[d]] < 0)) digit[d--] = 0;
       if (d < 0) break;
+    }
+  };
+  // calls fn(batch, coordinates) for the sorted sites begin..end-1, decoded from their sorted keys (sequential
+  // reads, where the rows of unsorted indices would be read at random): one decode per grid row
+  auto for_sorted_sites = [&](int64_t begin, int64_t end, auto&& fn) {
+    const int64_t x_in = g.in_shape[ndim - 1];
+    int64_t row_key = 0, row_end = -1, b = 0;
+    Coord c{};
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t key = in.keys[i];
+      if (key >= row_end) {
+        decode_key(key, g.in_shape, ndim, &b, &c);
+        row_key = key - c[ndim - 1];
+        row_end = row_key + x_in;
+      }
+      c[ndim - 1] = key - row_key;
+      fn(b, c);
     }
   };
   auto make_local = [&] {
@@ -649,21 +694,22 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     const int64_t copies = threads > 1 && threads * words <= (int64_t(1) << 22) ? threads : 1;
     std::vector<uint64_t> bitmap(words * copies, 0);
     uint64_t* bm = bitmap.data();
-    // Sites are visited in key order (through the sorted rows), so that the bits they set lie close together.
-    const int32_t* sorted_rows = in.rows.data();
+    // Sites are visited in key order, so that the bits they set lie close together.
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       auto local = make_local();
       if (copies > 1 || threads == 1) {  // a bitmap per thread, or one thread: no atomics
         uint64_t* mine = bm + (copies > 1 ? at::get_thread_num() * words : 0);
-        for (int64_t i = begin; i < end; ++i)
-          for_each_reached(sorted_rows[i], local, [&](int64_t key) { mine[key >> 6] |= uint64_t(1) << (key & 63); });
+        for_sorted_sites(begin, end, [&](int64_t b, const Coord& c) {
+          for_each_reached(b, c, local, [&](int64_t key) { mine[key >> 6] |= uint64_t(1) << (key & 63); });
+        });
       } else {
-        for (int64_t i = begin; i < end; ++i)
-          for_each_reached(sorted_rows[i], local, [&](int64_t key) {
+        for_sorted_sites(begin, end, [&](int64_t b, const Coord& c) {
+          for_each_reached(b, c, local, [&](int64_t key) {
             const uint64_t bit = uint64_t(1) << (key & 63);
             if (!(__atomic_load_n(bm + (key >> 6), __ATOMIC_RELAXED) & bit))
               __atomic_fetch_or(bm + (key >> 6), bit, __ATOMIC_RELAXED);
           });
+        });
       }
     });
     constexpr int64_t kBlock = 8192;  // words per block
@@ -694,7 +740,9 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       std::vector<int64_t>& out = found[at::get_thread_num()];
       auto local = make_local();
-      for (int64_t i = begin; i < end; ++i) for_each_reached(i, local, [&](int64_t key) { out.push_back(key); });
+      for_sorted_sites(begin, end, [&](int64_t b, const Coord& c) {
+        for_each_reached(b, c, local, [&](int64_t key) { out.push_back(key); });
+      });
     });
     size_t total = 0;
     for (auto& f : found) total += f.size();
@@ -729,7 +777,7 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
       o[ndim] = static_cast<int32_t>(keys[j] - row_begin);
     }
   });
-  at::Tensor nbr = at::empty({m, g.kernel_volume}, indices.options());
+  at::Tensor nbr = new_table(m, g.kernel_volume, indices.options());
   RowIndex ri;
   if (fits_dense_line(g, transposed, std::max(n, m)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
     merge_rows(g, transposed, in, ri, m, keys.data(), oidx, nullptr, nbr.data_ptr<int32_t>());
