@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -336,12 +337,15 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
 
 // Where the sorted input sites of each grid row (all dimensions but the last, batch included) start:
 // row r holds the sorted positions start[r] .. start[r + 1] - 1, whose last coordinates are last[...].
+// (Arrays without value-initialisation: build_row_index writes every entry once.)
 struct RowIndex {
-  std::vector<int32_t> start, last;
+  std::unique_ptr<int32_t[]> start, last;
 };
 
 // Builds the row index, or returns false when the grid has too many rows for a dense row table or rows too
-// long for merge_rows' dense line (the callers then fall back to merge_taps).
+// long for merge_rows' dense line (the callers then fall back to merge_taps). In parallel over the sorted
+// sites: start[r] is the first site whose row is >= r, so each site writes the entries of the rows from the
+// previous site's row (exclusive) to its own (inclusive), and no entry is written twice.
 bool build_row_index(const SortedSites& in, const Coord& shape, int ndim, int64_t batch_size, RowIndex* ri) {
   const int64_t n = in.keys.size(), x_size = shape[ndim - 1];
   if (x_size > (int64_t(1) << 20)) return false;  // merge_rows keeps one dense line of this length per thread
@@ -350,19 +354,27 @@ bool build_row_index(const SortedSites& in, const Coord& shape, int ndim, int64_
     rows *= shape[d];
     if (rows > 16 * n + (int64_t(1) << 20)) return false;
   }
-  ri->start.assign(rows + 1, 0);
-  ri->last.resize(n);
-  int64_t r = 0, row_end = 0;  // keys are sorted: divide only where a new row starts
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t key = in.keys[i];
-    if (key >= row_end) {
-      r = key / x_size;
-      row_end = (r + 1) * x_size;
+  ri->start.reset(new int32_t[rows + 1]);
+  ri->last.reset(new int32_t[std::max<int64_t>(n, 1)]);
+  int32_t* start = ri->start.get();
+  int32_t* last = ri->last.get();
+  const int64_t* keys = in.keys.data();
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    int64_t prev = begin == 0 ? -1 : keys[begin - 1] / x_size;  // row of the site before this chunk
+    int64_t r = prev, row_end = (prev + 1) * x_size;          // keys are sorted: divide only at a new row
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t key = keys[i];
+      if (key >= row_end) {
+        r = key / x_size;
+        row_end = (r + 1) * x_size;
+        for (int64_t q = prev + 1; q <= r; ++q) start[q] = static_cast<int32_t>(i);
+        prev = r;
+      }
+      last[i] = static_cast<int32_t>(key - r * x_size);
     }
-    ri->last[i] = static_cast<int32_t>(key - r * x_size);
-    ++ri->start[r + 1];
-  }
-  for (int64_t r = 0; r < rows; ++r) ri->start[r + 1] += ri->start[r];
+  });
+  const int64_t last_row = n > 0 ? keys[n - 1] / x_size : -1;
+  std::fill(start + last_row + 1, start + rows + 1, static_cast<int32_t>(n));
   return true;
 }
 
@@ -418,8 +430,8 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
   const int64_t margin = kTransposed ? 0 : p_last;
   const int64_t line_size = dense_line_size(g, kTransposed);
   const int32_t* rows = in.rows.data();
-  const int32_t* start = ri.start.data();
-  const int32_t* xs = ri.last.data();
+  const int32_t* start = ri.start.get();
+  const int32_t* xs = ri.last.get();
   // per tap row (kernel offsets of all dimensions but the last): its key offset in input-row units
   const int64_t tap_rows = kv / k_last;
   std::vector<int64_t> row_delta(tap_rows, 0);
