@@ -13,6 +13,10 @@
 
 #include <algorithm>
 #include <atomic>
+#include <memory>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <sstream>
 #include <string>
 #include <tuple>
@@ -131,6 +135,26 @@ void check_geometry(const char* op, int ndim, int64_t batch_size, at::IntArrayRe
   }
 }
 
+// A new table of >= 1 MB whose pages the kernel has not mapped yet (a fresh mmap from the allocator) would take
+// one page fault per 4 KB page while the builder writes it, at a few microseconds each in a virtual machine:
+// MADV_POPULATE_WRITE (Linux 5.14+) maps them all in one call. It is only asked for when the block's first
+// whole page is not mapped (mincore), as in a fresh block: on mapped pages it would cost a walk of each. Where
+// either call is not supported it fails harmlessly and the pages fault as before.
+at::Tensor new_table(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  at::Tensor t = at::empty({rows, cols}, options);
+#if defined(__linux__) && defined(MADV_POPULATE_WRITE)
+  const size_t bytes = static_cast<size_t>(t.numel()) * sizeof(int32_t);
+  if (bytes >= (size_t(1) << 20)) {
+    const uintptr_t page = 4096, lo = (reinterpret_cast<uintptr_t>(t.data_ptr()) + page - 1) & ~(page - 1);
+    const uintptr_t hi = (reinterpret_cast<uintptr_t>(t.data_ptr()) + bytes) & ~(page - 1);
+    unsigned char resident = 1;
+    if (hi > lo && mincore(reinterpret_cast<void*>(lo), page, &resident) == 0 && !(resident & 1))
+      madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE);
+  }
+#endif
+  return t;
+}
+
 int64_t max_key(int64_t batch_size, const Coord& shape, int ndim) {
   int64_t v = batch_size;
   for (int d = 0; d < ndim; ++d) v *= shape[d];
@@ -141,6 +165,7 @@ int64_t max_key(int64_t batch_size, const Coord& shape, int ndim) {
 struct SortedSites {
   std::vector<int64_t> keys;
   std::vector<int32_t> rows;
+  bool presorted = false;  // the sites came sorted: rows[i] == i
 };
 
 SortedSites sort_sites(const at::Tensor& indices, const Coord& shape, int ndim, int64_t batch_size) {
@@ -167,7 +192,10 @@ SortedSites sort_sites(const at::Tensor& indices, const Coord& shape, int ndim, 
         return;
       }
   });
-  if (increasing.load()) return s;
+  if (increasing.load()) {
+    s.presorted = true;
+    return s;
+  }
   radix_sort(s.keys, s.rows, max_key(batch_size, shape, ndim));
   for (int64_t i = 1; i < n; ++i) {
     TORCH_CHECK_VALUE(s.keys[i] != s.keys[i - 1], "spconv: indices contain duplicate sites (rows ",
@@ -309,12 +337,15 @@ void merge_taps(const ConvGeometry& g, bool transposed, const SortedSites& in, c
 
 // Where the sorted input sites of each grid row (all dimensions but the last, batch included) start:
 // row r holds the sorted positions start[r] .. start[r + 1] - 1, whose last coordinates are last[...].
+// (Arrays without value-initialisation: build_row_index writes every entry once.)
 struct RowIndex {
-  std::vector<int32_t> start, last;
+  std::unique_ptr<int32_t[]> start, last;
 };
 
 // Builds the row index, or returns false when the grid has too many rows for a dense row table or rows too
-// long for merge_rows' dense line (the callers then fall back to merge_taps).
+// long for merge_rows' dense line (the callers then fall back to merge_taps). In parallel over the sorted
+// sites: start[r] is the first site whose row is >= r, so each site writes the entries of the rows from the
+// previous site's row (exclusive) to its own (inclusive), and no entry is written twice.
 bool build_row_index(const SortedSites& in, const Coord& shape, int ndim, int64_t batch_size, RowIndex* ri) {
   const int64_t n = in.keys.size(), x_size = shape[ndim - 1];
   if (x_size > (int64_t(1) << 20)) return false;  // merge_rows keeps one dense line of this length per thread
@@ -323,19 +354,27 @@ bool build_row_index(const SortedSites& in, const Coord& shape, int ndim, int64_
     rows *= shape[d];
     if (rows > 16 * n + (int64_t(1) << 20)) return false;
   }
-  ri->start.assign(rows + 1, 0);
-  ri->last.resize(n);
-  int64_t r = 0, row_end = 0;  // keys are sorted: divide only where a new row starts
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t key = in.keys[i];
-    if (key >= row_end) {
-      r = key / x_size;
-      row_end = (r + 1) * x_size;
+  ri->start.reset(new int32_t[rows + 1]);
+  ri->last.reset(new int32_t[std::max<int64_t>(n, 1)]);
+  int32_t* start = ri->start.get();
+  int32_t* last = ri->last.get();
+  const int64_t* keys = in.keys.data();
+  at::parallel_for(0, n, 16384, [&](int64_t begin, int64_t end) {
+    int64_t prev = begin == 0 ? -1 : keys[begin - 1] / x_size;  // row of the site before this chunk
+    int64_t r = prev, row_end = (prev + 1) * x_size;          // keys are sorted: divide only at a new row
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t key = keys[i];
+      if (key >= row_end) {
+        r = key / x_size;
+        row_end = (r + 1) * x_size;
+        for (int64_t q = prev + 1; q <= r; ++q) start[q] = static_cast<int32_t>(i);
+        prev = r;
+      }
+      last[i] = static_cast<int32_t>(key - r * x_size);
     }
-    ri->last[i] = static_cast<int32_t>(key - r * x_size);
-    ++ri->start[r + 1];
-  }
-  for (int64_t r = 0; r < rows; ++r) ri->start[r + 1] += ri->start[r];
+  });
+  const int64_t last_row = n > 0 ? keys[n - 1] / x_size : -1;
+  std::fill(start + last_row + 1, start + rows + 1, static_cast<int32_t>(n));
   return true;
 }
 
@@ -371,31 +410,28 @@ bool fits_dense_line(const ConvGeometry& g, bool transposed, int64_t sites) {
   return dense_line_size(g, transposed) <= std::max<int64_t>(int64_t(1) << 20, 4 * sites);
 }
 
-// Fills nbr through the row index. Outputs are visited in the order o = 0..m-1 with row j = order[o] (or
-// o) and coordinates coords[j] ([b, y...] int32), which must group outputs of one grid row (all
-// dimensions but the last) together, as sorted sites do. For each such run of outputs and each tap row
-// (the kernel offsets of all dimensions but the last), the single input row it reads is spread into a
-// dense per-thread line indexed by the last coordinate (with margins that read as -1, so taps that fall
-// off the grid need no test); every tap along the last dimension is then one load.
+// Fills nbr through the row index. Outputs are visited in increasing key order o = 0..m-1: out_keys[o] is the
+// sorted key of output o in the output grid (batch, g.out_shape). Either coords ([M, 1 + D], rows in that same
+// order) gives their coordinates and table row o, or order gives table row order[o] and the runs of outputs in
+// one grid row (all dimensions but the last) are found and decoded from the keys, so that outputs in a random
+// row order (the first layer's raw voxel order) cost no random reads. For each run and each tap row
+// (the kernel offsets of all dimensions but the last), the single input row it reads is spread into a dense
+// per-thread line indexed by the last coordinate (with margins that read as -1, so taps that fall off the
+// grid need no test); every tap along the last dimension is then one load. A run's table rows are filled in a
+// small per-thread buffer and, with an order, copied out row by row: one write of each whole row.
 template <bool kTransposed>
-void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri, int64_t m, const int32_t* coords,
-                const int32_t* order, int32_t* nbr) {
+void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri, int64_t m, const int64_t* out_keys,
+                const int32_t* coords, const int32_t* order, int32_t* nbr) {
   const int ndim = g.ndim, last = ndim - 1;
-  const int64_t kv = g.kernel_volume, k_last = g.ksize[last];
+  const int64_t kv = g.kernel_volume, k_last = g.ksize[last], x_out = g.out_shape[last];
   const int64_t s_last = g.stride[last], p_last = g.padding[last], d_last = g.dilation[last];
   // line[margin + x] holds input x; non-transposed taps read x = y * s - p + rl * dil in
   // [-p, (out - 1) * s - p + (k - 1) * dil], transposed ones an x in [0, in) or none
   const int64_t margin = kTransposed ? 0 : p_last;
   const int64_t line_size = dense_line_size(g, kTransposed);
   const int32_t* rows = in.rows.data();
-  const int32_t* start = ri.start.data();
-  const int32_t* xs = ri.last.data();
-  auto row_of = [&](int64_t o) { return order ? int64_t(order[o]) : o; };
-  auto same_row = [&](const int32_t* a, const int32_t* b) {
-    for (int d = 0; d < ndim; ++d)  // batch and all dimensions but the last
-      if (a[d] != b[d]) return false;
-    return true;
-  };
+  const int32_t* start = ri.start.get();
+  const int32_t* xs = ri.last.get();
   // per tap row (kernel offsets of all dimensions but the last): its key offset in input-row units
   const int64_t tap_rows = kv / k_last;
   std::vector<int64_t> row_delta(tap_rows, 0);
@@ -414,15 +450,50 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
   at::parallel_for(0, m, 4096, [&](int64_t begin, int64_t end) {
     std::vector<int32_t> line_buf(line_size, -1);
     int32_t* line = line_buf.data() + margin;
+    std::vector<int32_t> run_buf;  // the run's table rows, when they go to rows in a given order
+    Coord c0{};                    // the run's output coordinates but the last, and its batch
+    int64_t b0 = 0, grid_row = -1;
     for (int64_t run0 = begin; run0 < end;) {
-      const int32_t* c0 = coords + row_of(run0) * (ndim + 1);
-      int64_t run1 = run0 + 1;
-      while (run1 < end && same_row(coords + row_of(run1) * (ndim + 1), c0)) ++run1;
-      for (int64_t o = run0; o < run1; ++o) std::fill_n(nbr + row_of(o) * kv, kv, -1);
+      int64_t run1 = run0 + 1, row_key = 0;
+      if (coords) {  // rows in increasing order: the coordinates are read in order too
+        const int32_t* r0 = coords + run0 * (ndim + 1);
+        auto same_row = [&](const int32_t* a) {
+          for (int d = 0; d < ndim; ++d)  // batch and all dimensions but the last
+            if (a[d] != r0[d]) return false;
+          return true;
+        };
+        while (run1 < end && same_row(coords + run1 * (ndim + 1))) ++run1;
+        b0 = r0[0];
+        for (int d = 0; d < last; ++d) c0[d] = r0[1 + d];
+        row_key = out_keys[run0] - r0[ndim];
+      } else {  // from the keys: one division per run, and the row coordinates carried from the last run
+        const int64_t next_row = out_keys[run0] / x_out;
+        row_key = next_row * x_out;
+        while (run1 < end && out_keys[run1] < row_key + x_out) ++run1;
+        const int64_t step = next_row - grid_row;
+        if (grid_row >= 0 && last > 0 && c0[last - 1] + step < g.out_shape[last - 1]) {
+          c0[last - 1] += step;  // same plane (batch and all dimensions but the last two)
+        } else {
+          int64_t rest = next_row;
+          for (int d = last - 1; d >= 0; --d) {
+            c0[d] = rest % g.out_shape[d];
+            rest /= g.out_shape[d];
+          }
+          b0 = rest;
+        }
+        grid_row = next_row;
+      }
+      const int64_t run_len = run1 - run0;
+      int32_t* cells0 = nbr + run0 * kv;
+      if (order) {
+        if (static_cast<int64_t>(run_buf.size()) < run_len * kv) run_buf.resize(run_len * kv);
+        cells0 = run_buf.data();
+      }
+      std::fill_n(cells0, run_len * kv, -1);
       Coord origin{};  // non-transposed: the input row coordinates of tap row 0, per dimension
-      uint64_t base = uint64_t(c0[0]) * uint64_t(batch_rows);
+      uint64_t base = uint64_t(b0) * uint64_t(batch_rows);
       for (int d = 0; d < last; ++d) {
-        origin[d] = int64_t(c0[1 + d]) * g.stride[d] - g.padding[d];
+        origin[d] = c0[d] * g.stride[d] - g.padding[d];
         base += uint64_t(origin[d]) * uint64_t(row_stride[d]);
       }
       for (int64_t t = 0; t < tap_rows; ++t) {
@@ -430,9 +501,9 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
         int64_t r;
         bool inside = true;
         if (kTransposed) {
-          r = c0[0];
+          r = b0;
           for (int d = 0; d < last; ++d) {
-            const int64_t x = input_coord(g, true, d, c0[1 + d], g.offsets[row0][d]);
+            const int64_t x = input_coord(g, true, d, c0[d], g.offsets[row0][d]);
             inside &= x >= 0;
             r = r * g.in_shape[d] + x;
           }
@@ -448,14 +519,18 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
         if (lo == hi) continue;  // no input in that row: the cells stay -1
         for (int32_t q = lo; q < hi; ++q) line[xs[q]] = rows[q];
         for (int64_t o = run0; o < run1; ++o) {
-          const int64_t j = row_of(o);
-          const int64_t y = coords[j * (ndim + 1) + ndim];
-          int32_t* cells = nbr + j * kv + row0;
+          const int64_t y = out_keys[o] - row_key;
+          int32_t* cells = cells0 + (o - run0) * kv + row0;
           if (kTransposed) {
             for (int64_t rl = 0; rl < k_last; ++rl) {
               const int64_t x = input_coord(g, true, last, y, rl);
               cells[rl] = x >= 0 ? line[x] : -1;
             }
+          } else if (k_last == 3 && d_last == 1) {  // the common 3-wide kernel: three plain copies
+            const int32_t* window = line + (y * s_last - p_last);
+            cells[0] = window[0];
+            cells[1] = window[1];
+            cells[2] = window[2];
           } else {
             const int32_t* window = line + (y * s_last - p_last);
             for (int64_t rl = 0; rl < k_last; ++rl) cells[rl] = window[rl * d_last];
@@ -463,17 +538,20 @@ void merge_rows(const ConvGeometry& g, const SortedSites& in, const RowIndex& ri
         }
         for (int32_t q = lo; q < hi; ++q) line[xs[q]] = -1;
       }
+      if (order)
+        for (int64_t o = run0; o < run1; ++o)
+          std::copy_n(cells0 + (o - run0) * kv, kv, nbr + int64_t(order[o]) * kv);
       run0 = run1;
     }
   });
 }
 
 void merge_rows(const ConvGeometry& g, bool transposed, const SortedSites& in, const RowIndex& ri, int64_t m,
-                const int32_t* coords, const int32_t* order, int32_t* nbr) {
+                const int64_t* out_keys, const int32_t* coords, const int32_t* order, int32_t* nbr) {
   if (transposed) {
-    merge_rows<true>(g, in, ri, m, coords, order, nbr);
+    merge_rows<true>(g, in, ri, m, out_keys, coords, order, nbr);
   } else {
-    merge_rows<false>(g, in, ri, m, coords, order, nbr);
+    merge_rows<false>(g, in, ri, m, out_keys, coords, order, nbr);
   }
 }
 
@@ -487,10 +565,12 @@ at::Tensor build_subm_map(const at::Tensor& indices_in, int64_t batch_size, at::
   for (int d = 0; d < ndim; ++d) pad[d] = (ksize[d] / 2) * dilation[d];
   ConvGeometry g(ndim, spatial_shape, spatial_shape, ksize, ones, pad, dilation);
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
-  at::Tensor nbr = at::empty({indices.size(0), g.kernel_volume}, indices.options());
+  at::Tensor nbr = new_table(indices.size(0), g.kernel_volume, indices.options());
   RowIndex ri;
   if (fits_dense_line(g, false, indices.size(0)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
-    merge_rows(g, false, in, ri, indices.size(0), indices.data_ptr<int32_t>(), in.rows.data(), nbr.data_ptr<int32_t>());
+    // sites that came sorted are read in order; others through the sort's order, from their keys
+    merge_rows(g, false, in, ri, indices.size(0), in.keys.data(), in.presorted ? indices.data_ptr<int32_t>() : nullptr,
+               in.presorted ? nullptr : in.rows.data(), nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, false, in, in.keys, in.rows.data(), nbr.data_ptr<int32_t>());
   }
@@ -498,14 +578,24 @@ at::Tensor build_subm_map(const at::Tensor& indices_in, int64_t batch_size, at::
 }
 
 // 64-bit popcount; with the POPCNT instruction where the CPU has it (the build targets baseline x86-64)
+// (one dispatch per block of words, not per word)
+inline int64_t count_bits_sw(const uint64_t* w, int64_t n) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += __builtin_popcountll(w[i]);
+  return c;
+}
 #if defined(__GNUC__) && defined(__x86_64__)
-__attribute__((target("popcnt"))) int64_t popcount_hw(uint64_t x) { return __builtin_popcountll(x); }
-int64_t popcount64(uint64_t x) {
+__attribute__((target("popcnt"))) int64_t count_bits_hw(const uint64_t* w, int64_t n) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += __builtin_popcountll(w[i]);
+  return c;
+}
+int64_t count_bits(const uint64_t* w, int64_t n) {
   static const bool has = __builtin_cpu_supports("popcnt");
-  return has ? popcount_hw(x) : __builtin_popcountll(x);
+  return has ? count_bits_hw(w, n) : count_bits_sw(w, n);
 }
 #else
-inline int64_t popcount64(uint64_t x) { return __builtin_popcountll(x); }
+inline int64_t count_bits(const uint64_t* w, int64_t n) { return count_bits_sw(w, n); }
 #endif
 
 int64_t gcd64(int64_t a, int64_t b) { return b == 0 ? a : gcd64(b, a % b); }
@@ -522,7 +612,6 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
   const at::Tensor indices = check_indices(indices_in, ndim, batch_size, in_shape, "build_conv_map", "in_shape");
   ConvGeometry g(ndim, in_shape, out_shape, ksize, stride, padding, dilation);
   const int64_t n = indices.size(0);
-  const int32_t* idx = indices.data_ptr<int32_t>();
   SortedSites in = sort_sites(indices, g.in_shape, ndim, batch_size);
 
   // every output key any input reaches, per thread, then one sort-unique. Per dimension d and input
@@ -557,22 +646,23 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     reach[d].resize(g.in_shape[d] * g.ksize[d]);
     for (int64_t x = 0; x < g.in_shape[d]; ++x) reach_of(d, x, reach[d].data() + x * g.ksize[d]);
   }
-  // calls emit(key) for every output key input i reaches (cartesian product of the per-dimension lists)
-  auto for_each_reached = [&](int64_t i, std::array<std::vector<int64_t>, kMaxDim>& local, auto&& emit) {
-    const int32_t* row = idx + i * (ndim + 1);
+  // calls emit(key) for every output key the input site (batch, c) reaches (cartesian product of the
+  // per-dimension lists)
+  auto for_each_reached = [&](int64_t batch, const Coord& c, std::array<std::vector<int64_t>, kMaxDim>& local,
+                              auto&& emit) {
     const int64_t* lists[kMaxDim] = {};
     bool any = true;
     for (int d = 0; d < ndim; ++d) {
       if (reach[d].empty()) {
-        reach_of(d, row[1 + d], local[d].data());
+        reach_of(d, c[d], local[d].data());
         lists[d] = local[d].data();
       } else {
-        lists[d] = reach[d].data() + int64_t(row[1 + d]) * g.ksize[d];
+        lists[d] = reach[d].data() + c[d] * g.ksize[d];
       }
       any &= lists[d][0] >= 0;
     }
     if (!any) return;
-    const int64_t base = int64_t(row[0]) * out_volume;
+    const int64_t base = batch * out_volume;
     std::array<int64_t, kMaxDim> digit{};  // odometer over ndim <= 4 digits
     while (true) {
       int64_t key = base;
@@ -581,6 +671,23 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
       int d = ndim - 1;
       while (d >= 0 && (++digit[d] == g.ksize[d] || lists[d][digit[d]] < 0)) digit[d--] = 0;
       if (d < 0) break;
+    }
+  };
+  // calls fn(batch, coordinates) for the sorted sites begin..end-1, decoded from their sorted keys (sequential
+  // reads, where the rows of unsorted indices would be read at random): one decode per grid row
+  auto for_sorted_sites = [&](int64_t begin, int64_t end, auto&& fn) {
+    const int64_t x_in = g.in_shape[ndim - 1];
+    int64_t row_key = 0, row_end = -1, b = 0;
+    Coord c{};
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t key = in.keys[i];
+      if (key >= row_end) {
+        decode_key(key, g.in_shape, ndim, &b, &c);
+        row_key = key - c[ndim - 1];
+        row_end = row_key + x_in;
+      }
+      c[ndim - 1] = key - row_key;
+      fn(b, c);
     }
   };
   auto make_local = [&] {
@@ -599,19 +706,22 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     const int64_t copies = threads > 1 && threads * words <= (int64_t(1) << 22) ? threads : 1;
     std::vector<uint64_t> bitmap(words * copies, 0);
     uint64_t* bm = bitmap.data();
+    // Sites are visited in key order, so that the bits they set lie close together.
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       auto local = make_local();
-      if (copies > 1) {
-        uint64_t* mine = bm + at::get_thread_num() * words;
-        for (int64_t i = begin; i < end; ++i)
-          for_each_reached(i, local, [&](int64_t key) { mine[key >> 6] |= uint64_t(1) << (key & 63); });
+      if (copies > 1 || threads == 1) {  // a bitmap per thread, or one thread: no atomics
+        uint64_t* mine = bm + (copies > 1 ? at::get_thread_num() * words : 0);
+        for_sorted_sites(begin, end, [&](int64_t b, const Coord& c) {
+          for_each_reached(b, c, local, [&](int64_t key) { mine[key >> 6] |= uint64_t(1) << (key & 63); });
+        });
       } else {
-        for (int64_t i = begin; i < end; ++i)
-          for_each_reached(i, local, [&](int64_t key) {
+        for_sorted_sites(begin, end, [&](int64_t b, const Coord& c) {
+          for_each_reached(b, c, local, [&](int64_t key) {
             const uint64_t bit = uint64_t(1) << (key & 63);
             if (!(__atomic_load_n(bm + (key >> 6), __ATOMIC_RELAXED) & bit))
               __atomic_fetch_or(bm + (key >> 6), bit, __ATOMIC_RELAXED);
           });
+        });
       }
     });
     constexpr int64_t kBlock = 8192;  // words per block
@@ -619,12 +729,12 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     std::vector<int64_t> offset(blocks + 1, 0);
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       for (int64_t blk = begin; blk < end; ++blk) {
-        int64_t c = 0;
-        for (int64_t w = blk * kBlock; w < std::min(words, (blk + 1) * kBlock); ++w) {
-          for (int64_t t = 1; t < copies; ++t) bm[w] |= bm[t * words + w];
-          c += popcount64(bm[w]);
+        const int64_t w0 = blk * kBlock, w1 = std::min(words, w0 + kBlock);
+        for (int64_t t = 1; t < copies; ++t) {
+          const uint64_t* other = bm + t * words;
+          for (int64_t w = w0; w < w1; ++w) bm[w] |= other[w];
         }
-        offset[blk + 1] = c;
+        offset[blk + 1] = count_bits(bm + w0, w1 - w0);
       }
     });
     for (int64_t blk = 0; blk < blocks; ++blk) offset[blk + 1] += offset[blk];
@@ -642,7 +752,9 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
     at::parallel_for(0, n, 4096, [&](int64_t begin, int64_t end) {
       std::vector<int64_t>& out = found[at::get_thread_num()];
       auto local = make_local();
-      for (int64_t i = begin; i < end; ++i) for_each_reached(i, local, [&](int64_t key) { out.push_back(key); });
+      for_sorted_sites(begin, end, [&](int64_t b, const Coord& c) {
+        for_each_reached(b, c, local, [&](int64_t key) { out.push_back(key); });
+      });
     });
     size_t total = 0;
     for (auto& f : found) total += f.size();
@@ -677,10 +789,10 @@ std::tuple<at::Tensor, at::Tensor> build_conv_map(const at::Tensor& indices_in, 
       o[ndim] = static_cast<int32_t>(keys[j] - row_begin);
     }
   });
-  at::Tensor nbr = at::empty({m, g.kernel_volume}, indices.options());
+  at::Tensor nbr = new_table(m, g.kernel_volume, indices.options());
   RowIndex ri;
   if (fits_dense_line(g, transposed, std::max(n, m)) && build_row_index(in, g.in_shape, ndim, batch_size, &ri)) {
-    merge_rows(g, transposed, in, ri, m, oidx, nullptr, nbr.data_ptr<int32_t>());
+    merge_rows(g, transposed, in, ri, m, keys.data(), oidx, nullptr, nbr.data_ptr<int32_t>());
   } else {
     merge_taps(g, transposed, in, keys, nullptr, nbr.data_ptr<int32_t>());
   }
