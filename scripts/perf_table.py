@@ -86,7 +86,12 @@ def caption(data: dict) -> str:
     """One line on the run itself: threads and the matmul peak measured in it (a busy machine shows there)."""
     threads = sorted({r["eval"]["threads"] for r in data["results"] if ok(r["eval"]) and "threads" in r["eval"]})
     t = "/".join(str(n) for n in threads) or "?"
-    return (f"Run: {t} thread{'s' if threads != [1] else ''} (OMP_NUM_THREADS), torch's fp32 matmul "
+    cpu = data.get("cpu") or {}
+    isa = ", ".join(name for name, on in (("AVX-512", cpu.get("avx512f")), ("AVX512-BF16", cpu.get("avx512_bf16")),
+                                          ("AMX", bool(cpu.get("amx")))) if on) or "no AVX-512"
+    where = (f"{cpu['model']} ({isa}{'' if cpu.get('amx') else ', no AMX'}; bf16 kernel {cpu.get('bf16_kernel', '?')}), "
+             if cpu.get("model") else "")
+    return (f"Run: {where}{t} thread{'s' if threads != [1] else ''} (OMP_NUM_THREADS), torch's fp32 matmul "
             f"{data['peak_fp32_gflops']:.0f} GFLOP/s measured in the same run; spconv 2.3.8 single-threaded.\n\n")
 
 
