@@ -263,8 +263,10 @@ def _library_files():
         for name in files:
             path = os.path.join(dirpath, name)
             rel = os.path.relpath(path, ROOT)
-            # command-line entry points print by design: python -m spconv, python -m spconv.benchmark
-            if name.endswith(".py") and name != "__main__.py" and "benchmark" not in rel:
+            # command-line entry points print by design: python -m spconv, python -m spconv.benchmark,
+            # python -m spconv.check
+            if (name.endswith(".py") and name != "__main__.py" and "benchmark" not in rel
+                    and rel != os.path.join("spconv", "check.py")):
                 yield path
 
 
