@@ -12,13 +12,13 @@ usage: python bench/bf16_kernels.py [--scan kitti|nuscenes|waymo|random] [--chan
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-import numpy as np
 import torch
+
+from spconv.benchmark.cpu import cpu_description, voxelize_scan
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
@@ -26,8 +26,6 @@ DATA = os.path.normpath(os.path.join(HERE, "..", "..", "shared", "data"))
 
 def sites(scan):
     """int32 [N, 4] (batch, z, y, x) voxel sites of a scan, and its spatial shape."""
-    from spconv.benchmark.cpu import SCANS, load_points
-    from spconv.pytorch.utils import PointToVoxel
     if scan == "random" or not os.path.isdir(DATA):
         g = torch.Generator().manual_seed(0)  # a LiDAR-like shell: points on a few surfaces of a 41 x 800 x 800 grid
         n = 60000
@@ -36,22 +34,8 @@ def sites(scan):
         idx = torch.unique(torch.cat([torch.zeros(n, 1, dtype=torch.long), z[:, None], yx], 1), dim=0)
         return idx.int().contiguous(), [41, 800, 800]
     name = "nuscenes10" if scan == "nuscenes" else scan
-    vsize, rng, shape = SCANS[name]
-    pts = torch.from_numpy(load_points(DATA, name))
-    _, coords, _ = PointToVoxel(vsize, rng, 4, 400000, 10)(pts)
-    idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1).contiguous()
+    _, idx, shape = voxelize_scan(DATA, name)
     return idx, shape
-
-
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv=None):
@@ -70,7 +54,7 @@ def main(argv=None):
     idx, shape = sites(args.scan)
     table = ops.build_subm_map(idx, shape, [3, 3, 3], [1, 1, 1], 1)
     pairs = int((table >= 0).sum())
-    print(f"cpu: {cpu_model()}; threads {args.threads}; scan {args.scan}: {len(idx)} sites, {pairs} pairs "
+    print(f"cpu: {cpu_description()['model']}; threads {args.threads}; scan {args.scan}: {len(idx)} sites, {pairs} pairs "
           f"({pairs / len(idx):.1f} per site); blocking {ext.cpu_blocking()}")
     results = []
     for c in args.channels:
@@ -112,7 +96,7 @@ def main(argv=None):
                   f"err {errs[name]:.1e}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "threads": args.threads, "scan": args.scan, "sites": len(idx),
+            json.dump({"cpu": cpu_description()['model'], "threads": args.threads, "scan": args.scan, "sites": len(idx),
                        "pairs": pairs, "blocking": ext.cpu_blocking(),
                        "results": results}, f,
                       indent=1)

@@ -14,39 +14,19 @@ usage: python bench/map_breakdown.py [--scans kitti waymo nuscenes10] [--threads
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
 import spconv.pytorch as spconv
-from spconv.benchmark.cpu import DEFAULT_DATA, SCANS, build_model, load_points
+from spconv.benchmark.cpu import DEFAULT_DATA, build_model, cpu_description, voxelize_scan
 from spconv.pytorch import ops
-from spconv.pytorch.utils import PointToVoxel
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def make_scan(data, scan):
-    vsize, rng, shape = SCANS[scan]
-    pts = torch.from_numpy(load_points(data, scan))
-    vox, coords, npv = PointToVoxel(vsize, rng, 4, 400000, 10)(pts)
-    feats = vox.sum(1) / npv.clamp(min=1).unsqueeze(-1).to(vox.dtype)
-    idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1).contiguous()
-    return feats, idx, shape
+make_scan = voxelize_scan
 
 
 def run(scan, feats, idx, shape, threads, reps, train):
@@ -152,7 +132,7 @@ def main():
     a = ap.parse_args()
     if not a.data or not os.path.isdir(a.data):
         sys.exit("no scans: pass --data DIR or set SPCONV_DATA")
-    print(f"CPU: {cpu_model()}; torch {torch.__version__}; reps {a.reps}; mode {'train' if a.train else 'eval'}")
+    print(f"CPU: {cpu_description()['model']}; torch {torch.__version__}; reps {a.reps}; mode {'train' if a.train else 'eval'}")
     results, saved = [], {}
     for scan in a.scans:
         feats, idx, shape = make_scan(a.data, scan)
@@ -171,7 +151,7 @@ def main():
         torch.save(saved, a.save_calls)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"cpu": cpu_model(), "results": results}, f, indent=1)
+            json.dump({"cpu": cpu_description()['model'], "results": results}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -141,13 +141,8 @@ def time_layers(device: str, data, reps: int = 10) -> list:
     rows = []
     scans = {}
     if data and os.path.isdir(data):
-        from spconv.pytorch.utils import PointToVoxel
         for scan in ("kitti", "nuscenes10"):
-            vsize, rng, shape = bench.SCANS[scan]
-            vox, coords, npv = PointToVoxel(vsize, rng, 4, 400000, 10)(torch.from_numpy(bench.load_points(data, scan)))
-            feats = vox.sum(1) / npv.clamp(min=1).unsqueeze(-1).to(vox.dtype)
-            idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1).contiguous()
-            scans[scan] = (feats, idx, shape)
+            scans[scan] = bench.voxelize_scan(data, scan)
     else:
         idx = _sites(40000, [40, 400, 400], 1, seed=2)
         scans["random"] = (torch.rand(idx.shape[0], 4), idx, [40, 400, 400])

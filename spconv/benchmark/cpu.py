@@ -56,6 +56,18 @@ def load_points(data_dir, scan):
     return np.concatenate(out)
 
 
+def voxelize_scan(data_dir, scan):
+    """``(features [N, 4] mean of the points, indices [N, 4] int32 batch 0, spatial_shape)`` of a scan, with
+    spconv's PointToVoxel (any spconv 2.x: the worker also runs under the original)."""
+    import torch
+    from spconv.pytorch.utils import PointToVoxel
+    vsize, rng, shape = SCANS[scan]
+    vox, coords, npv = PointToVoxel(vsize, rng, 4, 400000, 10)(torch.from_numpy(load_points(data_dir, scan)))
+    feats = vox.sum(1) / npv.clamp(min=1).unsqueeze(-1).to(vox.dtype)
+    idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1).contiguous()
+    return feats, idx, shape
+
+
 def build_model(name, spconv, nn, channels):
     def block(cin, cout, k, key, stride=1, padding=0, subm=True):
         conv = (spconv.SubMConv3d(cin, cout, k, bias=False, indice_key=key) if subm else
@@ -157,14 +169,9 @@ def worker(args):
     import torch
     from torch import nn
     import spconv.pytorch as spconv
-    from spconv.pytorch.utils import PointToVoxel
 
     torch.manual_seed(0)
-    vsize, rng, shape = SCANS[args.scan]
-    pts = torch.from_numpy(load_points(args.data, args.scan))
-    vox, coords, npv = PointToVoxel(vsize, rng, 4, 400000, 10)(pts)
-    feats = vox.sum(1) / npv.clamp(min=1).unsqueeze(-1).to(vox.dtype)
-    idx = torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1).contiguous()
+    feats, idx, shape = voxelize_scan(args.data, args.scan)
     channels = 4
     if not args.model in ("second", "res"):
         channels = int(args.model.split("_")[1])
